@@ -1,0 +1,274 @@
+"""What each function does, between the HTTP edge (``auth.web``) and Tiki/Firestore."""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets as _random
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from auth import log, sessions, store, vault
+from auth.config import Settings
+from auth.errors import InvalidCode, ReauthRequired, Unavailable, UpstreamError
+from auth.secrets import Secret, client_secret, session_secret, session_secret_version
+from auth.store import StoredTokens, UserRecord
+
+if TYPE_CHECKING:
+    from auth.tiki import TikiClient, TikiTokens
+
+T = TypeVar("T")
+
+# How long one instance may hold the refresh lease before another may take it:
+# longer than a Tiki call with its timeouts, short enough that a crashed
+# instance does not block the customer for long.
+LEASE_SECONDS = 15.0
+# How often a caller waiting on another instance's refresh looks again.
+LEASE_POLL_SECONDS = 0.1
+
+
+def exchange(settings: Settings, code: str) -> dict[str, Any]:
+    from auth.tiki import customer_key
+
+    # Both secrets first: once Tiki has the code it is spent, so nothing that
+    # can fail for lack of a secret may come after the exchange.
+    sealing_key = session_secret(settings)
+    tokens, customer = _with_client_secret(
+        settings, "exchange", lambda tiki: tiki.exchange(code)
+    )
+    key = customer_key(customer.id)
+    log.bind(customer=key)
+    store.save_login(
+        settings,
+        key,
+        customer.id,
+        customer.name,
+        list(tokens.scopes),
+        _sealed(sealing_key, key, tokens, None),
+    )
+    user = store.get_user(settings, key)
+    if user is None:  # deleted between our write and this read
+        raise ReauthRequired(log="The user record vanished right after login.")
+    log.info("Customer logged in.", customer=key, login_count=user.login_count)
+    return _session_response(settings, key, user, tokens.access_token)
+
+
+def refresh(settings: Settings, token: str) -> dict[str, Any]:
+    session = sessions.verify(
+        settings, token, refresh_window=settings.session_refresh_window
+    )
+    user = _current_user(settings, session)
+    stored = store.get_tokens(settings, session.customer_key)
+    if stored is None:
+        raise ReauthRequired(log="No Tiki tokens are stored for this customer.")
+    if not stored.has_refresh_token:
+        raise ReauthRequired(
+            "This login has no refresh token: ask for the 'offline' scope in "
+            "my.getAuthCode and log in again."
+        )
+    if not _due(settings, stored):
+        access = _open(settings, session.customer_key, stored)["access_token"]
+        return _session_response(settings, session.customer_key, user, access)
+    access = _refresh_once(settings, session.customer_key)
+    return _session_response(settings, session.customer_key, user, access)
+
+
+def lookup(settings: Settings, token: str) -> dict[str, Any]:
+    session = sessions.verify(settings, token)
+    user = _current_user(settings, session)
+    return {"user": _user_json(user)}
+
+
+def revoke(settings: Settings, token: str) -> dict[str, Any]:
+    session = sessions.verify(settings, token)
+    _current_user(settings, session)
+    store.revoke_sessions(settings, session.customer_key)
+    log.info("Sessions revoked.", customer=session.customer_key)
+    return {"revoked": True}
+
+
+def delete(settings: Settings, token: str) -> dict[str, Any]:
+    session = sessions.verify(settings, token)
+    _current_user(settings, session)
+    store.delete_user(settings, session.customer_key)
+    log.info("User record and tokens deleted.", customer=session.customer_key)
+    return {"deleted": True}
+
+
+def _current_user(settings: Settings, session: sessions.Session) -> UserRecord:
+    log.bind(customer=session.customer_key)
+    user = store.get_user(settings, session.customer_key)
+    if user is None:
+        raise ReauthRequired(log="No user record for this session (deleted).")
+    if user.session_version != session.session_version:
+        raise ReauthRequired(log="Session is from before a logout or an erasure.")
+    return user
+
+
+def _refresh_once(settings: Settings, key: str) -> str:
+    """A fresh Tiki access token for ``key``, with one Tiki call across instances.
+
+    The caller that takes the lease refreshes; the others wait for its result.
+    Every write is guarded by the update time seen, so a slow instance whose
+    lease lapsed cannot overwrite tokens stored after it.
+    """
+    owner = _random.token_hex(8)
+    deadline = time.monotonic() + 2 * LEASE_SECONDS
+    while time.monotonic() < deadline:
+        stored = store.get_tokens(settings, key)
+        if stored is None or not stored.has_refresh_token:
+            raise ReauthRequired(log="Tokens were dropped while refreshing.")
+        if not _due(settings, stored):
+            return _open(settings, key, stored)["access_token"]
+        if _leased_by_other(stored, owner):
+            time.sleep(LEASE_POLL_SECONDS)
+            continue
+        leased = store.take_lease(settings, key, stored, owner, LEASE_SECONDS)
+        if leased is None:
+            continue  # someone else wrote first; look again
+        access = _refresh_leased(settings, key, leased)
+        if access is not None:
+            return access
+    raise Unavailable(log="Gave up waiting for another instance's token refresh.")
+
+
+def _refresh_leased(settings: Settings, key: str, leased: StoredTokens) -> str | None:
+    old = _open(settings, key, leased)
+    try:
+        fresh = _with_client_secret(
+            settings, "refresh", lambda tiki: tiki.refresh(old["refresh_token"])
+        )
+    except ReauthRequired:
+        store.drop_tokens(settings, key, leased)
+        raise
+    except Exception:
+        store.release_lease(settings, key, leased)
+        raise
+    sealing_key = session_secret(settings)
+    # Tiki may or may not rotate the refresh token: keep whichever is newest.
+    sealed = _sealed(sealing_key, key, fresh, old["refresh_token"])
+    if not store.store_refreshed(settings, key, leased, sealed):
+        log.info("Tokens changed during our refresh; using the newer ones.")
+        return None
+    log.info("Tiki token refreshed.", customer=key)
+    return fresh.access_token
+
+
+def _with_client_secret(
+    settings: Settings, what: str, call: Callable[[TikiClient], T]
+) -> T:
+    """Run a Tiki call; on invalid_signature reload the client secret once and retry.
+
+    The retry is safe for the single-use auth code too: Tiki authenticates the
+    signature headers before it reads the body, so a request refused with
+    invalid_signature never consumed the code (the simulator models the same).
+    """
+    from auth.tiki import TikiClient, TikiRefused
+
+    secret = client_secret(settings)
+    for attempt in (1, 2):
+        try:
+            return call(TikiClient(settings, secret.value))
+        except TikiRefused as exc:
+            log.bind(tiki_request_id=exc.request_id)
+            if exc.tiki_reason == "invalid_signature":
+                reloaded = client_secret(settings, fresh=True)
+                if attempt == 1 and reloaded != secret:
+                    log.warning(
+                        f"Tiki refused the {what} signature; retrying "
+                        "with the rotated client secret."
+                    )
+                    secret = reloaded
+                    continue
+                raise UpstreamError(log=_signature_advice(settings, what)) from exc
+            raise _mapped(exc, what) from exc
+    raise AssertionError("unreachable")
+
+
+def _mapped(exc: Exception, what: str) -> Exception:
+    reason = getattr(exc, "tiki_reason", "")
+    if what == "exchange" and reason == "invalid_code":
+        return InvalidCode(log="Tiki refused the code: invalid_code.")
+    if what == "refresh" and reason in ("invalid_token", "invalid_refresh_token"):
+        return ReauthRequired(log=f"Tiki refused the refresh token: {reason}.")
+    return UpstreamError(log=f"Tiki refused the {what}: {reason}.")
+
+
+def _signature_advice(settings: Settings, what: str) -> str:
+    return (
+        f"Tiki refused the {what}: invalid_signature (check TIKI_CLIENT_ID and that "
+        f"the client secret is the one for {settings.tiki_base_url}: sandbox and "
+        "production keys differ; also check this server's clock)."
+    )
+
+
+def _due(settings: Settings, stored: StoredTokens) -> bool:
+    margin = dt.timedelta(seconds=settings.refresh_leeway)
+    return stored.expires_at - margin <= dt.datetime.now(dt.UTC)
+
+
+def _leased_by_other(stored: StoredTokens, owner: str) -> bool:
+    if stored.lease_owner in (None, owner) or stored.lease_until is None:
+        return False
+    return stored.lease_until > dt.datetime.now(dt.UTC)
+
+
+def _sealed(
+    secret: Secret, key: str, tokens: TikiTokens, previous_refresh: str | None
+) -> dict[str, Any]:
+    refresh_token = tokens.refresh_token or previous_refresh
+    expires_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=tokens.expires_in)
+    return {
+        "sealed": vault.seal(
+            secret,
+            key,
+            {"access_token": tokens.access_token, "refresh_token": refresh_token},
+        ),
+        "key_id": secret.version,
+        "expires_at": expires_at,
+        "has_refresh_token": refresh_token is not None,
+        "scopes": list(tokens.scopes),
+    }
+
+
+def _open(settings: Settings, key: str, stored: StoredTokens) -> dict[str, str]:
+    secret = session_secret_version(settings, stored.key_id)
+    try:
+        if secret is None:
+            raise vault.Unsealable(f"key version {stored.key_id} is unusable")
+        return vault.open_sealed(secret, key, stored.sealed)
+    except vault.Unsealable as exc:
+        raise ReauthRequired(
+            log=f"Stored Tiki tokens cannot be opened: {exc}."
+        ) from exc
+
+
+def _session_response(
+    settings: Settings, key: str, user: UserRecord, tiki_access_token: str
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "session_token": sessions.issue(settings, key, user.session_version),
+        "token_type": "Bearer",
+        "expires_in": settings.session_ttl,
+        "user": _user_json(user),
+    }
+    if settings.expose_tiki_access_token:
+        body["tiki_access_token"] = tiki_access_token
+    return body
+
+
+def _user_json(user: UserRecord) -> dict[str, Any]:
+    return {
+        "customer_id": user.customer_id,
+        "name": user.name,
+        "scopes": user.scopes,
+        "created_at": _iso(user.created_at),
+        "last_login_at": _iso(user.last_login_at),
+        "login_count": user.login_count,
+    }
+
+
+def _iso(moment: dt.datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,227 @@
+"""The client secret and the session secret, from Secret Manager or the environment.
+
+Values are cached per instance for ``SECRET_CACHE_SECONDS`` (minutes), so a
+rotation reaches running instances without a redeploy and a request does not
+call Secret Manager. A value never reaches a log line, a response or Firestore.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from auth import log
+from auth.config import Settings
+from auth.errors import Internal, Unavailable
+
+# Secret Manager is in the request path only on a cache miss; a slow one should
+# fail the request quickly rather than hold it.
+ACCESS_TIMEOUT_SECONDS = 5.0
+# The key id given to a secret read from the environment (local development).
+# Secret Manager numbers versions from 1, so "0" never names a real version.
+ENV_VERSION = "0"
+# A "fresh" read (after Tiki refused our signature) still reuses a value this
+# young, so a burst of refusals costs one Secret Manager call, not one each.
+FRESH_SECONDS = 5.0
+# A session token may name any earlier version; cap how many we keep at once.
+MAX_CACHED_VERSIONS = 32
+
+_RESOURCE = re.compile(r"(projects/[^/]+/secrets/[^/]+)/versions/([^/]+)")
+
+
+@dataclass(frozen=True)
+class Secret:
+    value: str
+    # The Secret Manager version number that holds it (the key id), as text.
+    version: str
+
+
+class VersionUnusable(Exception):
+    """That version is missing, disabled or destroyed."""
+
+
+_cache: dict[tuple[str, str], tuple[float, Secret | None]] = {}
+_lock = threading.Lock()
+_client: Any = None
+_client_host: str | None = None
+
+
+def client_secret(settings: Settings, *, fresh: bool = False) -> Secret:
+    """Tini Console's client secret for TIKI_CLIENT_ID."""
+    return _current(
+        settings,
+        settings.client_secret_resource,
+        settings.client_secret_env,
+        "TIKI_CLIENT_SECRET",
+        fresh,
+    )
+
+
+def session_secret(settings: Settings) -> Secret:
+    """The newest session secret: signs new sessions and seals stored tokens."""
+    return _current(
+        settings,
+        settings.session_secret_resource,
+        settings.session_secret_env,
+        "SESSION_SECRET",
+        False,
+    )
+
+
+def session_secret_version(settings: Settings, version: str) -> Secret | None:
+    """An earlier (or the current) session secret by version; None if unusable.
+
+    The caller has checked that ``version`` is a plain number no newer than the
+    current version, so a forged key id cannot make us look up arbitrary names.
+    """
+    current = session_secret(settings)
+    if version == current.version:
+        return current
+    if settings.session_secret_resource is None:
+        return None
+    base = _split(settings.session_secret_resource, "SESSION_SECRET_RESOURCE")[0]
+    try:
+        return _cached(settings, base, version, False)
+    except VersionUnusable:
+        return None
+
+
+def clear_cache() -> None:
+    with _lock:
+        _cache.clear()
+
+
+def _current(
+    settings: Settings,
+    resource: str | None,
+    env_value: str | None,
+    env_name: str,
+    fresh: bool,
+) -> Secret:
+    if resource:
+        base, version = _split(resource, f"{env_name}_RESOURCE")
+        try:
+            secret = _cached(settings, base, version, fresh)
+        except VersionUnusable as exc:
+            raise Unavailable(
+                log=f"{resource} cannot be read: {exc} (add or enable a version)."
+            ) from exc
+        assert secret is not None
+        return secret
+    if env_value:
+        return Secret(_clean(env_value.encode(), env_name), ENV_VERSION)
+    raise Internal(
+        log=f"Neither {env_name}_RESOURCE nor {env_name} (local only) is set."
+    )
+
+
+def _split(resource: str, variable: str) -> tuple[str, str]:
+    match = _RESOURCE.fullmatch(resource.strip())
+    if not match:
+        raise Internal(
+            log=f"{variable} must look like projects/P/secrets/S/versions/latest."
+        )
+    return match.group(1), match.group(2)
+
+
+def _cached(settings: Settings, base: str, version: str, fresh: bool) -> Secret:
+    key = (base, version)
+    now = time.monotonic()
+    with _lock:
+        hit = _cache.get(key)
+        max_age = FRESH_SECONDS if fresh else settings.secret_cache_seconds
+        if hit and now - hit[0] < max_age:
+            if hit[1] is None:
+                raise VersionUnusable("not usable (cached answer)")
+            return hit[1]
+        try:
+            secret = _access(settings, f"{base}/versions/{version}")
+        except VersionUnusable:
+            _remember(key, now, None)
+            raise
+        _remember(key, now, secret)
+        if version == "latest":
+            # The same value also answers for its own number (a session's kid).
+            _remember((base, secret.version), now, secret)
+        return secret
+
+
+def _remember(key: tuple[str, str], now: float, secret: Secret | None) -> None:
+    if len(_cache) >= MAX_CACHED_VERSIONS and key not in _cache:
+        oldest = min(_cache, key=lambda k: _cache[k][0])
+        del _cache[oldest]
+    _cache[key] = (now, secret)
+
+
+def _access(settings: Settings, name: str) -> Secret:
+    from google.api_core import exceptions as gexc
+
+    try:
+        response = _secret_client(settings).access_secret_version(
+            name=name, timeout=ACCESS_TIMEOUT_SECONDS, retry=None
+        )
+    except (gexc.NotFound, gexc.FailedPrecondition) as exc:
+        state = "missing" if isinstance(exc, gexc.NotFound) else "disabled or destroyed"
+        log.warning(f"Secret Manager: {name} is {state}.", resource=name)
+        raise VersionUnusable(state) from exc
+    except (gexc.PermissionDenied, gexc.Unauthenticated) as exc:
+        raise Unavailable(
+            log=f"Secret Manager refused access to {name}: grant the function's "
+            "service account roles/secretmanager.secretAccessor on it."
+        ) from exc
+    except Exception as exc:  # transport failures arrive in several types
+        raise Unavailable(
+            log=f"Secret Manager unreachable reading {name}: {type(exc).__name__}."
+        ) from exc
+    payload = response.payload
+    _check_crc(payload, name)
+    version = response.name.rsplit("/", 1)[-1]
+    if not version.isdigit():
+        raise Unavailable(log=f"Secret Manager answered {name} without a version.")
+    return Secret(_clean(payload.data, name), version)
+
+
+def _check_crc(payload: Any, name: str) -> None:
+    # The client library does not verify the checksum it is given; we do.
+    import google_crc32c
+
+    if "data_crc32c" not in payload:
+        return
+    if google_crc32c.value(payload.data) != payload.data_crc32c:
+        raise Unavailable(log=f"Secret Manager payload of {name} failed its checksum.")
+
+
+def _clean(data: bytes, name: str) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Unavailable(log=f"The secret in {name} is not UTF-8 text.") from exc
+    # `gcloud secrets versions add --data-file` keeps an editor's final newline.
+    text = text.rstrip("\r\n")
+    if not text:
+        raise Unavailable(log=f"The secret in {name} is empty.")
+    return text
+
+
+def _secret_client(settings: Settings) -> Any:
+    global _client, _client_host
+    if _client is None or _client_host != settings.secret_manager_host:
+        from google.cloud import secretmanager
+
+        if settings.secret_manager_host:
+            from google.auth.credentials import AnonymousCredentials
+
+            _client = secretmanager.SecretManagerServiceClient(
+                transport="rest",
+                credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+                client_options={
+                    "api_endpoint": f"http://{settings.secret_manager_host}"
+                },
+            )
+        else:
+            _client = secretmanager.SecretManagerServiceClient()
+        _client_host = settings.secret_manager_host
+    return _client

@@ -1,0 +1,247 @@
+"""The Tiki OAuth client: signed POSTs to /oauth/auth/token, .../refresh and /oauth/me.
+
+Every call serialises its body once, signs those bytes and sends those bytes
+(SPEC Part 1, "Request signing"). Tiki's status codes are undocumented and its
+own sample backend reads the body, so the envelope decides, not the status.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeGuard
+
+import requests
+
+from auth import log, signing
+from auth.config import Settings
+from auth.errors import Unavailable, UpstreamError, UpstreamTimeout
+
+# Tiki answers in well under a second; past these the customer is better served
+# by a clear 504 than by a spinner. Connect is short so a retry fits.
+MAX_RESPONSE_BYTES = 256 * 1024
+# A connection refused before anything was sent is retried once after this pause.
+CONNECT_RETRY_PAUSE = 0.2
+
+_CUSTOMER_ID = re.compile(r"[1-9][0-9]{0,18}")
+_INT64_MAX = 2**63 - 1
+_MAX_TOKEN_CHARS = 8192
+
+_session: requests.Session | None = None
+
+
+class TikiRefused(UpstreamError):
+    """Tiki answered with an error envelope; ``tiki_reason`` says which."""
+
+    def __init__(self, tiki_reason: str, request_id: str | None, log: str) -> None:
+        self.tiki_reason = tiki_reason
+        self.request_id = request_id
+        super().__init__(log=log)
+
+
+@dataclass(frozen=True)
+class TikiTokens:
+    access_token: str
+    refresh_token: str | None
+    expires_in: int
+    scopes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TikiCustomer:
+    id: int | str
+    name: str | None
+
+
+def customer_key(value: object) -> str:
+    """The document id for a Tiki customer id: its decimal string, or a 502.
+
+    ``1`` and ``"1"`` are the same customer (Tiki's payment APIs send strings);
+    anything but a plain positive integer must never become a document path.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 0 < value <= _INT64_MAX:
+            return str(value)
+    elif (
+        isinstance(value, str)
+        and _CUSTOMER_ID.fullmatch(value)
+        and int(value) <= _INT64_MAX
+    ):
+        return value
+    raise UpstreamError(log="Tiki sent a customer id that is not a positive integer.")
+
+
+class TikiClient:
+    def __init__(self, settings: Settings, client_secret: str) -> None:
+        self._settings = settings
+        self._secret = client_secret
+
+    def exchange(self, code: str) -> tuple[TikiTokens, TikiCustomer]:
+        data = self._call("/oauth/auth/token", {"code": code}, "exchange")
+        customer = data.get("customer")
+        if not isinstance(customer, dict):
+            raise UpstreamError(log="Tiki's exchange answer has no customer.")
+        customer_key(customer.get("id"))
+        name = customer.get("name")
+        if name is not None and not isinstance(name, str):
+            raise UpstreamError(log="Tiki's exchange answer has a non-text name.")
+        return _tokens(data, "exchange"), TikiCustomer(customer["id"], name)
+
+    def refresh(self, refresh_token: str) -> TikiTokens:
+        data = self._call(
+            "/oauth/auth/token/refresh", {"refresh_token": refresh_token}, "refresh"
+        )
+        return _tokens(data, "refresh")
+
+    def me(self, access_token: str) -> TikiCustomer:
+        data = self._call("/oauth/me", {"access_token": access_token}, "me")
+        customer_key(data.get("customer_id"))
+        name = data.get("customer_name")
+        return TikiCustomer(
+            data["customer_id"], name if isinstance(name, str) else None
+        )
+
+    def _call(self, path: str, body: dict[str, str], what: str) -> dict[str, Any]:
+        content = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+        raw = content.encode()
+        url = self._settings.tiki_base_url + path
+        started = time.monotonic()
+        response = self._post(url, raw, content, what)
+        try:
+            payload = _read_json(response, started + self._settings.tiki_read_timeout)
+        finally:
+            response.close()
+        return _unwrap(payload, response.status_code, what)
+
+    def _post(self, url: str, raw: bytes, content: str, what: str) -> requests.Response:
+        timeout = (
+            self._settings.tiki_connect_timeout,
+            self._settings.tiki_read_timeout,
+        )
+        for attempt in (1, 2):
+            # A fresh timestamp per attempt: Tiki refuses stale ones.
+            headers = signing.headers(self._settings.client_id, self._secret, content)
+            headers["Content-Type"] = "application/json"
+            try:
+                return _http().post(
+                    url, data=raw, headers=headers, timeout=timeout, stream=True
+                )
+            except requests.exceptions.ConnectTimeout as exc:
+                failure: Exception = exc
+            except requests.exceptions.ReadTimeout as exc:
+                raise UpstreamTimeout(log=f"Tiki {what}: no answer in time.") from exc
+            except requests.exceptions.ConnectionError as exc:
+                if not _never_sent(exc):
+                    # The request may have reached Tiki: an auth code is
+                    # single-use, so it is never sent twice.
+                    raise UpstreamError(
+                        log=f"Tiki {what}: connection broke mid-request."
+                    ) from exc
+                failure = exc
+            log.warning(
+                f"Tiki {what}: could not connect (attempt {attempt} of 2).",
+                error=type(failure).__name__,
+            )
+            if attempt == 1:
+                time.sleep(CONNECT_RETRY_PAUSE)
+        if isinstance(failure, requests.exceptions.ConnectTimeout):
+            raise UpstreamTimeout(log=f"Tiki {what}: connect timed out.") from failure
+        raise Unavailable(
+            log=f"Tiki {what}: cannot connect to {self._settings.tiki_base_url}."
+        ) from failure
+
+
+def _http() -> requests.Session:
+    global _session
+    if _session is None:
+        _session = requests.Session()
+        _session.trust_env = False
+    return _session
+
+
+def _never_sent(exc: requests.exceptions.ConnectionError) -> bool:
+    """True when the failure happened while connecting, before any byte was sent."""
+    import urllib3.exceptions as u3
+
+    cause: BaseException | None = exc.args[0] if exc.args else None
+    if isinstance(cause, u3.MaxRetryError):
+        cause = cause.reason
+    return isinstance(cause, (u3.NewConnectionError, u3.ConnectTimeoutError))
+
+
+def _read_json(response: requests.Response, deadline: float) -> object:
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        for chunk in response.iter_content(chunk_size=16384):
+            size += len(chunk)
+            if size > MAX_RESPONSE_BYTES:
+                raise UpstreamError(log="Tiki's answer is larger than expected.")
+            if time.monotonic() > deadline:
+                raise UpstreamTimeout(log="Tiki's answer arrived too slowly.")
+            chunks.append(chunk)
+    except requests.exceptions.Timeout as exc:
+        raise UpstreamTimeout(log="Tiki stopped answering mid-response.") from exc
+    except requests.exceptions.RequestException as exc:
+        raise UpstreamError(log="Tiki's answer was cut off.") from exc
+    try:
+        return json.loads(b"".join(chunks))
+    except ValueError:
+        return None
+
+
+def _unwrap(payload: object, status: int, what: str) -> dict[str, Any]:
+    """The ``data`` of a success envelope; every other shape is an error."""
+    if not isinstance(payload, dict):
+        return _bad_status_or(
+            status, f"Tiki {what}: HTTP {status}, not a JSON envelope."
+        )
+    error, data = payload.get("error"), payload.get("data")
+    if error is not None:
+        if not isinstance(error, dict) or not isinstance(error.get("reason"), str):
+            return _bad_status_or(status, f"Tiki {what}: malformed error envelope.")
+        metadata = payload.get("metadata") or error.get("metadata") or {}
+        request_id = metadata.get("request_id") if isinstance(metadata, dict) else None
+        reason = error["reason"][:64]
+        raise TikiRefused(
+            reason,
+            str(request_id)[:128] if request_id is not None else None,
+            f"Tiki refused the {what}: {reason} (HTTP {status}).",
+        )
+    if not isinstance(data, dict):
+        return _bad_status_or(status, f"Tiki {what}: envelope without data.")
+    if not 200 <= status < 300:
+        return _bad_status_or(status, f"Tiki {what}: data with HTTP {status}.")
+    return data
+
+
+def _bad_status_or(status: int, message: str) -> NoReturn:
+    if status == 503:
+        raise Unavailable(log=message)
+    if status == 504:
+        raise UpstreamTimeout(log=message)
+    raise UpstreamError(log=message)
+
+
+def _tokens(data: dict[str, Any], what: str) -> TikiTokens:
+    access, refresh = data.get("access_token"), data.get("refresh_token")
+    expires_in, scopes = data.get("expires_in"), data.get("scopes", [])
+    if not _is_token(access):
+        raise UpstreamError(log=f"Tiki's {what} answer has no usable access_token.")
+    if refresh is not None and not _is_token(refresh):
+        raise UpstreamError(log=f"Tiki's {what} answer has a malformed refresh_token.")
+    if (
+        isinstance(expires_in, bool)
+        or not isinstance(expires_in, int)
+        or expires_in < 0
+    ):
+        raise UpstreamError(log=f"Tiki's {what} answer has no usable expires_in.")
+    if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+        raise UpstreamError(log=f"Tiki's {what} answer has malformed scopes.")
+    return TikiTokens(access, refresh, expires_in, tuple(scopes))
+
+
+def _is_token(value: object) -> TypeGuard[str]:
+    return isinstance(value, str) and 0 < len(value) <= _MAX_TOKEN_CHARS
