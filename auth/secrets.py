@@ -163,7 +163,9 @@ def _access(settings: Settings, name: str) -> Secret:
         response = _secret_client(settings).access_secret_version(
             name=name, timeout=ACCESS_TIMEOUT_SECONDS, retry=None
         )
-    except (gexc.NotFound, gexc.FailedPrecondition) as exc:
+    # A disabled or destroyed version is FAILED_PRECONDITION over gRPC; over REST
+    # the client raises it as a plain BadRequest (HTTP 400), its base class.
+    except (gexc.NotFound, gexc.BadRequest) as exc:
         state = "missing" if isinstance(exc, gexc.NotFound) else "disabled or destroyed"
         log.warning(f"Secret Manager: {name} is {state}.", resource=name)
         raise VersionUnusable(state) from exc
