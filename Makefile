@@ -1,5 +1,5 @@
 # Local development. Every target first makes .venv ready (local/bootstrap.sh).
-.PHONY: bootstrap run test lint clean distclean
+.PHONY: bootstrap run test lint bench clean distclean
 
 VENV := .venv
 PYTHON := $(VENV)/bin/python
@@ -22,6 +22,11 @@ lint: bootstrap
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy auth main.py local
+
+# Cold start, latency and memory of one real instance, against stated targets.
+bench: bootstrap
+	@$(PYTHON) -m local.stack --check >/dev/null
+	$(PYTHON) -m local.bench
 
 # Logs and caches; distclean also removes the virtualenv.
 clean:
