@@ -44,7 +44,8 @@ class Ledger:
 
     def __init__(self) -> None:
         self.secrets: set[str] = {CLIENT_SECRET, SESSION_SECRET}
-        self.tiki_tokens: set[str] = set()
+        self.access_tokens: set[str] = set()
+        self.refresh_tokens: set[str] = set()
         self.log_lines: list[str] = []
         self.responses: list[tuple[bool, str]] = []
         self.log_files: list[Path] = []
@@ -202,8 +203,8 @@ def backend(
 def _collect_issued(simulator: Sim) -> None:
     issued = simulator.issued()
     LEDGER.secrets.update(issued.get("codes", []))
-    LEDGER.tiki_tokens.update(issued.get("access_tokens", []))
-    LEDGER.tiki_tokens.update(issued.get("refresh_tokens", []))
+    LEDGER.access_tokens.update(issued.get("access_tokens", []))
+    LEDGER.refresh_tokens.update(issued.get("refresh_tokens", []))
 
 
 class Response:
