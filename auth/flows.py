@@ -69,7 +69,7 @@ def refresh(settings: Settings, token: str) -> dict[str, Any]:
     if not _due(settings, stored):
         access = _open(settings, session.customer_key, stored)["access_token"]
         return _session_response(settings, session.customer_key, user, access)
-    access = _refresh_once(settings, session.customer_key)
+    access = _refresh_once(settings, session.customer_key, stored)
     return _session_response(settings, session.customer_key, user, access)
 
 
@@ -105,12 +105,14 @@ def _current_user(settings: Settings, session: sessions.Session) -> UserRecord:
     return user
 
 
-def _refresh_once(settings: Settings, key: str) -> str:
+def _refresh_once(settings: Settings, key: str, first: StoredTokens) -> str:
     """A fresh Tiki access token for ``key``, with one Tiki call across instances.
 
-    The caller that takes the lease refreshes; the others wait for its result.
-    Every write is guarded by the update time seen, so a slow instance whose
-    lease lapsed cannot overwrite tokens stored after it.
+    The caller that takes the lease refreshes; the others wait for its result
+    and take the tokens it stored, even when those are already inside the
+    leeway again (short-lived tokens): only tokens that are actually expired
+    justify a second call. Every write is guarded by the update time seen, so
+    a slow instance whose lease lapsed cannot overwrite newer tokens.
     """
     owner = _random.token_hex(8)
     deadline = time.monotonic() + 2 * LEASE_SECONDS
@@ -118,7 +120,8 @@ def _refresh_once(settings: Settings, key: str) -> str:
         stored = store.get_tokens(settings, key)
         if stored is None or not stored.has_refresh_token:
             raise ReauthRequired(log="Tokens were dropped while refreshing.")
-        if not _due(settings, stored):
+        renewed = stored.sealed != first.sealed and not _expired(stored)
+        if renewed or not _due(settings, stored):
             return _open(settings, key, stored)["access_token"]
         if _leased_by_other(stored, owner):
             time.sleep(LEASE_POLL_SECONDS)
@@ -205,6 +208,10 @@ def _signature_advice(settings: Settings, what: str) -> str:
 def _due(settings: Settings, stored: StoredTokens) -> bool:
     margin = dt.timedelta(seconds=settings.refresh_leeway)
     return stored.expires_at - margin <= dt.datetime.now(dt.UTC)
+
+
+def _expired(stored: StoredTokens) -> bool:
+    return stored.expires_at <= dt.datetime.now(dt.UTC)
 
 
 def _leased_by_other(stored: StoredTokens, owner: str) -> bool:
