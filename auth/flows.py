@@ -20,9 +20,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 # How long one instance may hold the refresh lease before another may take it:
-# longer than a Tiki call with its timeouts, short enough that a crashed
-# instance does not block the customer for long.
-LEASE_SECONDS = 15.0
+# longer than the slowest Tiki call (see _lease_seconds), short enough that a
+# crashed instance does not block the customer for long.
+LEASE_MARGIN_SECONDS = 5.0
 # How often a caller waiting on another instance's refresh looks again.
 LEASE_POLL_SECONDS = 0.1
 
@@ -115,7 +115,8 @@ def _refresh_once(settings: Settings, key: str, first: StoredTokens) -> str:
     a slow instance whose lease lapsed cannot overwrite newer tokens.
     """
     owner = _random.token_hex(8)
-    deadline = time.monotonic() + 2 * LEASE_SECONDS
+    lease = _lease_seconds(settings)
+    deadline = time.monotonic() + 2 * lease
     while time.monotonic() < deadline:
         stored = store.get_tokens(settings, key)
         if stored is None or not stored.has_refresh_token:
@@ -126,7 +127,7 @@ def _refresh_once(settings: Settings, key: str, first: StoredTokens) -> str:
         if _leased_by_other(stored, owner):
             time.sleep(LEASE_POLL_SECONDS)
             continue
-        leased = store.take_lease(settings, key, stored, owner, LEASE_SECONDS)
+        leased = store.take_lease(settings, key, stored, owner, lease)
         if leased is None:
             continue  # someone else wrote first; look again
         access = _refresh_leased(settings, key, leased)
@@ -142,7 +143,10 @@ def _refresh_leased(settings: Settings, key: str, leased: StoredTokens) -> str |
             settings, "refresh", lambda tiki: tiki.refresh(old["refresh_token"])
         )
     except ReauthRequired:
-        store.drop_tokens(settings, key, leased)
+        if not store.drop_tokens(settings, key, leased):
+            # Our lease lapsed and another instance stored newer tokens while
+            # Tiki refused the refresh token it had already rotated: use those.
+            return None
         raise
     except Exception:
         store.release_lease(settings, key, leased)
@@ -208,6 +212,14 @@ def _signature_advice(settings: Settings, what: str) -> str:
 def _due(settings: Settings, stored: StoredTokens) -> bool:
     margin = dt.timedelta(seconds=settings.refresh_leeway)
     return stored.expires_at - margin <= dt.datetime.now(dt.UTC)
+
+
+def _lease_seconds(settings: Settings) -> float:
+    from auth.tiki import CONNECT_RETRY_PAUSE
+
+    # Two connect attempts, the pause between them, and the whole answer.
+    slowest = 2 * settings.tiki_connect_timeout + CONNECT_RETRY_PAUSE
+    return slowest + settings.tiki_read_timeout + LEASE_MARGIN_SECONDS
 
 
 def _expired(stored: StoredTokens) -> bool:

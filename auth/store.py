@@ -145,18 +145,19 @@ def release_lease(settings: Settings, key: str, leased: StoredTokens) -> None:
         )
 
 
-def drop_tokens(settings: Settings, key: str, leased: StoredTokens) -> None:
-    """Forget tokens Tiki no longer honours (unless newer ones arrived meanwhile)."""
+def drop_tokens(settings: Settings, key: str, leased: StoredTokens) -> bool:
+    """Forget tokens Tiki no longer honours; False if newer ones arrived meanwhile."""
     from google.api_core import exceptions as gexc
 
     db = _db(settings)
     ref = db.collection(TOKENS).document(key)
     option = db.write_option(last_update_time=leased.update_time)
-    with (
-        contextlib.suppress(gexc.FailedPrecondition, gexc.NotFound),
-        _guard(settings, "dropping dead tokens"),
-    ):
-        ref.delete(option=option, timeout=settings.firestore_timeout, retry=None)
+    try:
+        with _guard(settings, "dropping dead tokens"):
+            ref.delete(option=option, timeout=settings.firestore_timeout, retry=None)
+    except (gexc.FailedPrecondition, gexc.NotFound):
+        return False
+    return True
 
 
 def revoke_sessions(settings: Settings, key: str) -> None:

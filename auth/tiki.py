@@ -199,6 +199,9 @@ def _unwrap(payload: object, status: int, what: str) -> dict[str, Any]:
             status, f"Tiki {what}: HTTP {status}, not a JSON envelope."
         )
     error, data = payload.get("error"), payload.get("data")
+    if status >= 500:
+        # Tiki's own "try later" (503, 504) stays retryable whatever the body.
+        _bad_status_or(status, f"Tiki {what}: HTTP {status}.")
     if error is not None:
         if not isinstance(error, dict) or not isinstance(error.get("reason"), str):
             return _bad_status_or(status, f"Tiki {what}: malformed error envelope.")

@@ -24,6 +24,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from local import firestore_emulator, secret_manager_stub, tiki_simulator
 
@@ -63,7 +64,7 @@ def import_time() -> float:
     return statistics.median(times)
 
 
-def call(url: str, body: dict[str, str] | None = None, token: str = "") -> dict:
+def call(url: str, body: dict[str, str] | None = None, token: str = "") -> Any:
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -136,7 +137,7 @@ def main() -> int:
     try:
         code_url = f"{sim.admin_url}/_sim/auth-code?customer_id=1"
 
-        def login() -> dict:
+        def login() -> Any:
             code = json.loads(urllib.request.urlopen(code_url, timeout=5).read())
             return call(f"{base}/exchange_auth_code", {"code": code["authCode"]})
 
