@@ -54,11 +54,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         tiki_base_url=(env.get("TIKI_BASE_URL") or PRODUCTION_BASE_URL).rstrip("/"),
         project=env.get("GOOGLE_CLOUD_PROJECT") or env.get("GCLOUD_PROJECT") or None,
         database=env.get("FIRESTORE_DATABASE") or "(default)",
-        allowed_origins=tuple(
-            o.strip().rstrip("/")
-            for o in env.get("ALLOWED_ORIGINS", "").split(",")
-            if o.strip()
-        ),
+        allowed_origins=allowed_origins(env),
         session_ttl=_int(env, "SESSION_TTL_SECONDS", 3600, 30, 7 * 86400),
         expose_tiki_access_token=_bool(env, "EXPOSE_TIKI_ACCESS_TOKEN"),
         refresh_leeway=_int(env, "TIKI_REFRESH_LEEWAY_SECONDS", 300, 0, 86400),
@@ -71,6 +67,13 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         firestore_timeout=_float(env, "FIRESTORE_TIMEOUT_SECONDS", 5.0),
         secret_manager_host=env.get("SECRET_MANAGER_EMULATOR_HOST") or None,
     )
+
+
+def allowed_origins(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """ALLOWED_ORIGINS alone: CORS headers need it even when other settings are bad."""
+    env = os.environ if env is None else env
+    raw = env.get("ALLOWED_ORIGINS", "")
+    return tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
 
 
 def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:

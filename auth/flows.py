@@ -179,7 +179,7 @@ def _with_client_secret(
         except TikiRefused as exc:
             log.bind(tiki_request_id=exc.request_id)
             if exc.tiki_reason == "invalid_signature":
-                reloaded = client_secret(settings, fresh=True)
+                reloaded = client_secret(settings, refused=secret)
                 if attempt == 1 and reloaded != secret:
                     log.warning(
                         f"Tiki refused the {what} signature; retrying "

@@ -23,9 +23,6 @@ ACCESS_TIMEOUT_SECONDS = 5.0
 # The key id given to a secret read from the environment (local development).
 # Secret Manager numbers versions from 1, so "0" never names a real version.
 ENV_VERSION = "0"
-# A "fresh" read (after Tiki refused our signature) still reuses a value this
-# young, so a burst of refusals costs one Secret Manager call, not one each.
-FRESH_SECONDS = 5.0
 # A session token may name any earlier version; cap how many we keep at once.
 MAX_CACHED_VERSIONS = 32
 
@@ -49,14 +46,19 @@ _client: Any = None
 _client_host: str | None = None
 
 
-def client_secret(settings: Settings, *, fresh: bool = False) -> Secret:
-    """Tini Console's client secret for TIKI_CLIENT_ID."""
+def client_secret(settings: Settings, *, refused: Secret | None = None) -> Secret:
+    """Tini Console's client secret for TIKI_CLIENT_ID.
+
+    With ``refused`` (Tiki just refused a signature made with it) the cache is
+    bypassed unless it already holds another value: of many requests refused
+    at once after a rotation, the first reloads and the others take its value.
+    """
     return _current(
         settings,
         settings.client_secret_resource,
         settings.client_secret_env,
         "TIKI_CLIENT_SECRET",
-        fresh,
+        refused,
     )
 
 
@@ -67,7 +69,7 @@ def session_secret(settings: Settings) -> Secret:
         settings.session_secret_resource,
         settings.session_secret_env,
         "SESSION_SECRET",
-        False,
+        None,
     )
 
 
@@ -84,7 +86,7 @@ def session_secret_version(settings: Settings, version: str) -> Secret | None:
         return None
     base = _split(settings.session_secret_resource, "SESSION_SECRET_RESOURCE")[0]
     try:
-        return _cached(settings, base, version, False)
+        return _cached(settings, base, version, None)
     except VersionUnusable:
         return None
 
@@ -99,12 +101,12 @@ def _current(
     resource: str | None,
     env_value: str | None,
     env_name: str,
-    fresh: bool,
+    refused: Secret | None,
 ) -> Secret:
     if resource:
         base, version = _split(resource, f"{env_name}_RESOURCE")
         try:
-            secret = _cached(settings, base, version, fresh)
+            secret = _cached(settings, base, version, refused)
         except VersionUnusable as exc:
             raise Unavailable(
                 log=f"{resource} cannot be read: {exc} (add or enable a version)."
@@ -127,13 +129,19 @@ def _split(resource: str, variable: str) -> tuple[str, str]:
     return match.group(1), match.group(2)
 
 
-def _cached(settings: Settings, base: str, version: str, fresh: bool) -> Secret:
+def _cached(
+    settings: Settings, base: str, version: str, refused: Secret | None
+) -> Secret:
     key = (base, version)
     now = time.monotonic()
     with _lock:
         hit = _cache.get(key)
-        max_age = FRESH_SECONDS if fresh else settings.secret_cache_seconds
-        if hit and now - hit[0] < max_age:
+        usable = hit is not None and (
+            hit[1] != refused
+            if refused is not None
+            else now - hit[0] < settings.secret_cache_seconds
+        )
+        if hit and usable:
             if hit[1] is None:
                 raise VersionUnusable("not usable (cached answer)")
             return hit[1]

@@ -26,7 +26,8 @@ ISSUER = "tiniapp-auth"
 LEEWAY_SECONDS = 5
 MAX_TOKEN_CHARS = 4096
 
-_KID = re.compile(r"[0-9]{1,9}")
+# A version number as Secret Manager writes it: no sign, no leading zero.
+_KID = re.compile(r"0|[1-9][0-9]{0,8}")
 _SUB = re.compile(r"[1-9][0-9]{0,18}")
 _SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 _REQUIRED = ["aud", "sub", "exp", "iat", "jti", "iss", "sv"]

@@ -20,6 +20,7 @@ from auth.errors import (
     BadRequest,
     Internal,
     MethodNotAllowed,
+    NotFound,
     PayloadTooLarge,
     Unauthenticated,
     UnsupportedMediaType,
@@ -55,12 +56,11 @@ class Endpoint:
 def serve(request: flask.Request, endpoint: Endpoint) -> flask.Response:
     started = time.monotonic()
     token = log.bind(**_trace_fields(request), function=endpoint.name)
-    settings: Settings | None = None
     headers: dict[str, str]
     try:
-        settings = config.load()
         if request.method == "OPTIONS":
-            return _preflight(request, endpoint, settings)
+            return _preflight(request, endpoint)
+        settings = config.load()
         if request.method not in endpoint.allow:
             raise MethodNotAllowed(endpoint.allow)
         data = endpoint.run(settings, request)
@@ -74,16 +74,19 @@ def serve(request: flask.Request, endpoint: Endpoint) -> flask.Response:
     finally:
         log.reset(token)
     response = _json(body, status, headers)
-    _cors(response, request, settings)
+    _cors(response, request)
     return response
 
 
 def not_found(request: flask.Request) -> flask.Response:
+    error = NotFound("No such function here.")
     body = {
         "data": None,
-        "error": {"code": 404, "reason": "not_found", "message": "No such function."},
+        "error": {"code": 404, "reason": error.reason, "message": error.message},
     }
-    return _json(body, 404, {})
+    response = _json(body, 404, {})
+    _cors(response, request)
+    return response
 
 
 def code_from_body(request: flask.Request) -> str:
@@ -178,26 +181,22 @@ def _failure(
     return exc.status, {"data": None, "error": error}, exc.headers()
 
 
-def _preflight(
-    request: flask.Request, endpoint: Endpoint, settings: Settings
-) -> flask.Response:
+def _preflight(request: flask.Request, endpoint: Endpoint) -> flask.Response:
     response = _empty(204)
     response.headers["Allow"] = ", ".join(endpoint.allow)
     origin = request.headers.get("Origin")
-    if origin and origin.rstrip("/") in settings.allowed_origins:
+    if origin and origin.rstrip("/") in config.allowed_origins():
         response.headers["Access-Control-Allow-Methods"] = ", ".join(endpoint.allow)
         response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
         response.headers["Access-Control-Max-Age"] = PREFLIGHT_MAX_AGE
-    _cors(response, request, settings)
+    _cors(response, request)
     return response
 
 
-def _cors(
-    response: flask.Response, request: flask.Request, settings: Settings | None
-) -> None:
+def _cors(response: flask.Response, request: flask.Request) -> None:
     response.headers.add("Vary", "Origin")
     origin = request.headers.get("Origin")
-    if settings and origin and origin.rstrip("/") in settings.allowed_origins:
+    if origin and origin.rstrip("/") in config.allowed_origins():
         response.headers["Access-Control-Allow-Origin"] = origin
 
 
