@@ -1,0 +1,631 @@
+"""Issue 4, the token lifecycle: refresh on time and once across instances,
+expired sessions, logout, erasure, and the rotation of every secret.
+
+Expired sessions are minted here with the session key, rather than waited for,
+so the file stays fast; each minted token copies a real session's claims.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+import requests
+from conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    CLIENT_SECRET_NAME,
+    LEDGER,
+    SESSION_SECRET,
+    SESSION_SECRET_NAME,
+    Api,
+    Response,
+    Sim,
+    session_of,
+    start_instance,
+)
+from google.cloud import firestore
+
+from auth import keys, vault
+from auth import secrets as auth_secrets
+from auth.secrets import Secret
+
+NEW_SESSION_SECRET = "rotated-session-secret-fedcba9876543210fedcba9876543210"
+NEW_CLIENT_SECRET = "rotated-client-secret.not-a-tiki-secret.0123456789abcdef"
+LEDGER.secrets.update({NEW_SESSION_SECRET, NEW_CLIENT_SECRET})
+
+DAY = 86400
+INSTANCES = 3
+PARALLEL_REFRESHES = 6
+
+
+def _db(backend: dict[str, str]) -> Any:
+    return firestore.Client(project=backend["GOOGLE_CLOUD_PROJECT"])
+
+
+def _doc(backend: dict[str, str], collection: str, key: str) -> Any:
+    return _db(backend).collection(collection).document(key).get()
+
+
+def _mint(
+    like: str, *, secret: str = SESSION_SECRET, kid: Any = "1", **claims: Any
+) -> str:
+    """A session signed with ``secret``: ``like``'s claims with ``claims`` changed.
+
+    Signed by hand so that the header may carry any ``kid`` (None: no kid).
+    """
+    payload = jwt.decode(like, options={"verify_signature": False})
+    payload.update(jti=uuid.uuid4().hex, **claims)
+    header = {"alg": "HS256", "typ": "JWT"}
+    if kid is not None:
+        header["kid"] = kid
+    signing_input = f"{_b64(header)}.{_b64(payload)}"
+    key = keys.derive(secret, keys.SESSION_SIGNING)
+    mac = hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
+    token = signing_input + "." + base64.urlsafe_b64encode(mac).decode().rstrip("=")
+    LEDGER.secrets.add(token)
+    return token
+
+
+def _b64(part: dict[str, Any]) -> str:
+    raw = json.dumps(part, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _expired(like: str, seconds_ago: int) -> str:
+    now = int(time.time())
+    return _mint(like, iat=now - seconds_ago - 3600, exp=now - seconds_ago)
+
+
+def _kid(token: str) -> Any:
+    return jwt.get_unverified_header(token).get("kid")
+
+
+def _every_function(api: Api, token: str) -> dict[str, Response]:
+    return {
+        "lookup_user": api.lookup(token),
+        "refresh_auth_token": api.refresh(token),
+        "revoke_sessions": api.revoke(token),
+        "delete_user": api.delete(token),
+    }
+
+
+def _refusals(answers: dict[str, Response]) -> dict[str, tuple[int, str | None]]:
+    """The functions that did not refuse with 401 reauth_required and no data."""
+    return {
+        name: (answer.status, answer.reason)
+        for name, answer in answers.items()
+        if (answer.status, answer.reason) != (401, "reauth_required")
+        or answer.json["data"] is not None
+    }
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def instances(
+    backend: dict[str, str], tmp_path: Path, request: pytest.FixtureRequest
+) -> Callable[..., list[str]]:
+    """Starts more function instances (real processes); gives their base URLs."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def stop() -> None:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+
+    request.addfinalizer(stop)
+
+    def start(**env: str) -> list[str]:
+        urls = []
+        for _ in range(INSTANCES):
+            port = _free_port()
+            log_path = tmp_path / f"instance-{len(processes)}.log"
+            processes.append(start_instance({**backend, **env}, port, log_path))
+            urls.append(f"http://127.0.0.1:{port}")
+        return urls
+
+    return start
+
+
+def _refresh_all(urls: list[str], token: str) -> list[requests.Response]:
+    """PARALLEL_REFRESHES refreshes of one session, released at once, round robin."""
+    barrier = threading.Barrier(PARALLEL_REFRESHES)
+
+    def one(number: int) -> requests.Response:
+        barrier.wait()
+        return _refresh_at(urls[number % len(urls)], token)
+
+    with ThreadPoolExecutor(PARALLEL_REFRESHES) as pool:
+        return list(pool.map(one, range(PARALLEL_REFRESHES)))
+
+
+def _warm(urls: list[str], token: str) -> None:
+    """One lookup per instance, so that no instance pays its cold start mid-burst."""
+    for url in urls:
+        headers = {"Authorization": f"Bearer {token}"}
+        answer = requests.get(f"{url}/lookup_user", headers=headers, timeout=30)
+        assert answer.status_code == 200, answer.text
+
+
+def _slow_tiki_refresh(simulator: Sim) -> None:
+    """Tiki takes a second over the next refresh, so every caller of a burst
+    arrives while that refresh is still in flight (not after it ended)."""
+    simulator.fault(endpoint="refresh", delay_ms=1000)
+
+
+def _refresh_at(url: str, token: str) -> requests.Response:
+    headers = {"Authorization": f"Bearer {token}"}
+    response = requests.post(f"{url}/refresh_auth_token", headers=headers, timeout=60)
+    LEDGER.responses.append((False, response.text))
+    if response.status_code == 200:
+        LEDGER.secrets.add(response.json()["data"]["session_token"])
+    return response
+
+
+# --- refresh on time ---------------------------------------------------------------
+
+
+def test_refresh_fresh_token_skips_tiki(api: Api, simulator: Sim):
+    token = session_of(api.login(1))
+
+    refreshed = api.refresh(token)
+
+    assert refreshed.status == 200
+    assert simulator.stats()["calls"]["refresh"] == 0
+    assert api.lookup(session_of(refreshed)).status == 200
+
+
+def test_refresh_due_token_refreshes_once_and_stores_expiry(
+    api: Api, simulator: Sim, backend
+):
+    simulator.config(access_ttl=60)
+    token = session_of(api.login(1))
+    simulator.config(access_ttl=3600)
+
+    first = api.refresh(token)
+    second = api.refresh(session_of(first))
+
+    stored = _doc(backend, "tiki_tokens", "1").to_dict()
+    remaining = stored["expires_at"].timestamp() - time.time()
+    assert first.status == 200 and second.status == 200
+    assert simulator.stats()["calls"]["refresh"] == 1
+    assert simulator.stats()["refresh_success"] == 1
+    assert 3500 < remaining <= 3600
+
+
+def test_refresh_leeway_is_configurable(api: Api, simulator: Sim, monkeypatch):
+    token = session_of(api.login(1))
+    monkeypatch.setenv("TIKI_REFRESH_LEEWAY_SECONDS", "7200")
+
+    refreshed = api.refresh(token)
+
+    assert refreshed.status == 200
+    assert simulator.stats()["refresh_success"] == 1
+
+
+def test_refresh_without_offline_scope_is_reauth_naming_offline(
+    api: Api, simulator: Sim
+):
+    token = session_of(api.login(2, scopes=["user_profile"]))
+
+    refreshed = api.refresh(token)
+
+    assert refreshed.status == 401
+    assert refreshed.reason == "reauth_required"
+    assert "offline" in refreshed.error["message"]
+    assert refreshed.json["data"] is None
+    assert simulator.stats()["calls"]["refresh"] == 0
+
+
+def test_refresh_refused_by_tiki_is_reauth_and_drops_tokens(
+    api: Api, simulator: Sim, backend
+):
+    simulator.config(access_ttl=60)
+    token = session_of(api.login(1))
+    simulator.fault(
+        endpoint="refresh",
+        status=400,
+        error={"code": 400, "reason": "invalid_token", "message": "Revoked."},
+    )
+
+    refreshed = api.refresh(token)
+    again = api.refresh(token)
+
+    assert refreshed.status == 401
+    assert refreshed.reason == "reauth_required"
+    assert simulator.stats()["calls"]["refresh"] == 1
+    assert not _doc(backend, "tiki_tokens", "1").exists
+    assert (again.status, again.reason) == (401, "reauth_required")
+    assert simulator.stats()["calls"]["refresh"] == 1
+
+
+# --- single flight across instances ------------------------------------------------
+
+
+def test_refresh_parallel_on_instances_calls_tiki_once(
+    api: Api, simulator: Sim, instances, monkeypatch
+):
+    urls = instances()
+    simulator.config(access_ttl=60)
+    token = session_of(api.login(1))
+    simulator.config(access_ttl=3600)
+    _warm(urls, token)
+    _slow_tiki_refresh(simulator)
+
+    answers = _refresh_all(urls, token)
+    parallel = simulator.stats()
+    # Due again: this refresh needs the newest (rotated) refresh token.
+    monkeypatch.setenv("TIKI_REFRESH_LEEWAY_SECONDS", "7200")
+    later = api.refresh(token)
+
+    assert [a.status_code for a in answers] == [200] * PARALLEL_REFRESHES
+    assert parallel["calls"]["refresh"] == 1
+    assert parallel["refresh_reuse_refused"] == 0
+    sessions = {a.json()["data"]["session_token"] for a in answers}
+    assert all(api.lookup(s).status == 200 for s in sessions)
+    assert later.status == 200
+    assert simulator.stats()["refresh_success"] == 2
+    assert simulator.stats()["refresh_reuse_refused"] == 0
+
+
+def test_refresh_parallel_with_long_leeway_calls_tiki_once(
+    api: Api, simulator: Sim, instances
+):
+    # Tokens due again as soon as they are refreshed (leeway > Tiki's lifetime):
+    # callers that overlap still share the one refresh.
+    urls = instances(TIKI_REFRESH_LEEWAY_SECONDS="7200")
+    token = session_of(api.login(1))
+    _warm(urls, token)
+    _slow_tiki_refresh(simulator)
+
+    answers = _refresh_all(urls, token)
+
+    stats = simulator.stats()
+    assert [a.status_code for a in answers] == [200] * PARALLEL_REFRESHES
+    assert stats["refresh_reuse_refused"] == 0
+    assert stats["calls"]["refresh"] == 1
+
+
+# --- expired sessions --------------------------------------------------------------
+
+
+def test_mint_unexpired_session_is_accepted(api: Api):
+    real = session_of(api.login(1))
+    now = int(time.time())
+
+    minted = _mint(real, iat=now, exp=now + 600)
+
+    assert api.lookup(minted).status == 200
+
+
+def test_refresh_expired_within_window_gives_new_session(api: Api):
+    expired = _expired(session_of(api.login(1)), seconds_ago=DAY)
+
+    refreshed = api.refresh(expired)
+    looked_up = api.lookup(expired)
+
+    assert refreshed.status == 200
+    assert api.lookup(session_of(refreshed)).status == 200
+    assert (looked_up.status, looked_up.reason) == (401, "unauthenticated")
+
+
+def test_refresh_expired_past_default_window_is_reauth(api: Api):
+    expired = _expired(session_of(api.login(1)), seconds_ago=7 * DAY + 60)
+
+    refreshed = api.refresh(expired)
+
+    assert (refreshed.status, refreshed.reason) == (401, "reauth_required")
+    assert refreshed.json["data"] is None
+
+
+@pytest.mark.parametrize(
+    ("seconds_ago", "expected"), [(300, (200, None)), (900, (401, "reauth_required"))]
+)
+def test_refresh_window_is_configurable(
+    api: Api, monkeypatch, seconds_ago: int, expected: tuple[int, str | None]
+):
+    monkeypatch.setenv("SESSION_REFRESH_WINDOW_SECONDS", "600")
+    expired = _expired(session_of(api.login(1)), seconds_ago=seconds_ago)
+
+    refreshed = api.refresh(expired)
+
+    assert (refreshed.status, refreshed.reason) == expected
+
+
+def test_delete_with_expired_session_is_refused_and_keeps_data(api: Api, backend):
+    expired = _expired(session_of(api.login(1)), seconds_ago=60)
+
+    answer = api.delete(expired)
+
+    assert (answer.status, answer.reason) == (401, "unauthenticated")
+    assert _doc(backend, "tiki_users", "1").exists
+    assert _doc(backend, "tiki_tokens", "1").exists
+
+
+# --- logout -------------------------------------------------------------------------
+
+
+def test_revoke_ends_every_session_of_the_customer(api: Api, backend):
+    earlier = session_of(api.login(1))
+    current = session_of(api.login(1))
+
+    revoked = api.revoke(current)
+
+    assert revoked.status == 200 and revoked.error is None
+    assert not _doc(backend, "tiki_tokens", "1").exists
+    for token in (earlier, current):
+        assert _refusals(_every_function(api, token)) == {}
+    assert _doc(backend, "tiki_users", "1").exists  # a refused delete did nothing
+
+
+def test_revoke_then_new_login_works_and_old_sessions_stay_out(api: Api):
+    old = session_of(api.login(1))
+    api.revoke(old)
+
+    fresh = api.login(1)
+    old_lookup = api.lookup(old)
+
+    assert fresh.data["user"]["login_count"] == 2
+    assert api.lookup(session_of(fresh)).status == 200
+    assert api.refresh(session_of(fresh)).status == 200
+    assert (old_lookup.status, old_lookup.reason) == (401, "reauth_required")
+
+
+def test_revoke_leaves_other_customers_alone(api: Api):
+    mine = session_of(api.login(1))
+    theirs = session_of(api.login(3))
+
+    api.revoke(mine)
+
+    assert api.lookup(theirs).status == 200
+    assert api.refresh(theirs).status == 200
+
+
+# --- delete my data -----------------------------------------------------------------
+
+
+def test_delete_removes_record_and_tokens(api: Api, backend):
+    token = session_of(api.login(1))
+
+    deleted = api.delete(token)
+
+    assert deleted.status == 200 and deleted.error is None
+    assert not _doc(backend, "tiki_users", "1").exists
+    assert not _doc(backend, "tiki_tokens", "1").exists
+
+
+def test_delete_refuses_every_earlier_session_everywhere(api: Api):
+    earlier = session_of(api.login(1))
+    current = session_of(api.login(1))
+
+    api.delete(current)
+
+    for token in (earlier, current):
+        assert _refusals(_every_function(api, token)) == {}
+
+
+def test_delete_then_login_starts_a_new_record_and_old_sessions_stay_out(
+    api: Api, backend
+):
+    earlier = session_of(api.login(1))
+    current = session_of(api.login(1))
+    api.delete(current)
+
+    fresh = api.login(1)
+
+    assert fresh.data["user"]["login_count"] == 1
+    assert api.lookup(session_of(fresh)).status == 200
+    for token in (earlier, current):
+        assert _refusals(_every_function(api, token)) == {}
+    assert _doc(backend, "tiki_users", "1").exists  # the old sessions deleted nothing
+    assert api.lookup(session_of(fresh)).status == 200  # nor revoked anything
+
+
+def test_delete_then_login_then_revoke_keeps_old_sessions_out(api: Api):
+    old = session_of(api.login(1))
+    api.delete(old)
+    api.revoke(session_of(api.login(1)))
+
+    fresh = session_of(api.login(1))
+    old_lookup = api.lookup(old)
+
+    assert api.lookup(fresh).status == 200
+    assert (old_lookup.status, old_lookup.reason) == (401, "reauth_required")
+
+
+# --- session key rotation -----------------------------------------------------------
+
+
+def _rotate_session_secret(stub) -> int:
+    version = stub.add_version(SESSION_SECRET_NAME, NEW_SESSION_SECRET + "\n")
+    auth_secrets.clear_cache()
+    return version
+
+
+def test_session_key_rotation_signs_new_sessions_with_new_version(api: Api, stub):
+    old = session_of(api.login(1))
+
+    version = _rotate_session_secret(stub)
+    new = session_of(api.login(1))
+
+    assert (_kid(old), version, _kid(new)) == ("1", 2, "2")
+    key = keys.derive(NEW_SESSION_SECRET, keys.SESSION_SIGNING)
+    jwt.decode(new, key, algorithms=["HS256"], audience=CLIENT_ID)
+    assert api.lookup(old).status == 200
+    assert api.lookup(new).status == 200
+    assert api.refresh(old).status == 200
+
+
+@pytest.mark.parametrize("state", ["disabled", "destroyed"])
+def test_session_key_unusable_version_is_401_not_500(api: Api, stub, state: str):
+    old = session_of(api.login(1))
+    _rotate_session_secret(stub)
+    new = session_of(api.login(1))
+
+    stub.set_state(SESSION_SECRET_NAME, 1, state)
+    auth_secrets.clear_cache()
+    answers = [api.lookup(old), api.refresh(old), api.revoke(old)]
+
+    assert [(a.status, a.reason) for a in answers] == [(401, "unauthenticated")] * 3
+    assert api.lookup(new).status == 200
+
+
+def test_session_key_rotation_reaches_instance_within_cache_life(
+    api: Api, stub, monkeypatch
+):
+    monkeypatch.setenv("SECRET_CACHE_SECONDS", "0")
+    old = session_of(api.login(1))
+
+    stub.add_version(SESSION_SECRET_NAME, NEW_SESSION_SECRET)
+    new = session_of(api.login(1))
+
+    assert (_kid(old), _kid(new)) == ("1", "2")
+    assert api.lookup(old).status == 200
+
+
+@pytest.mark.parametrize(
+    "kid",
+    ["abc", "3", "999999999", "latest", "-1", "1.0", " 1", "", "1/2", "01", 1, None],
+)
+def test_session_key_id_not_a_known_version_is_refused_without_lookup(
+    api: Api, stub, kid: Any
+):
+    real = session_of(api.login(1))
+    _rotate_session_secret(stub)
+    assert api.lookup(real).status == 200  # versions "latest", 1 and 2 now cached
+    calls_before = stub.stats()["access_calls"]
+    forged = _mint(real, kid=kid)
+
+    answer = api.lookup(forged)
+
+    assert (answer.status, answer.reason) == (401, "unauthenticated")
+    assert stub.stats()["access_calls"] == calls_before
+
+
+def test_session_key_id_of_another_version_does_not_verify(api: Api, stub):
+    real = session_of(api.login(1))
+    _rotate_session_secret(stub)
+
+    forged = _mint(real, kid="2")  # signed with version 1's key
+
+    answer = api.lookup(forged)
+
+    assert (answer.status, answer.reason) == (401, "unauthenticated")
+
+
+# --- token encryption key rotation --------------------------------------------------
+
+
+def test_tokens_sealed_under_old_key_are_read_and_resealed_on_refresh(
+    api: Api, simulator: Sim, stub, backend, monkeypatch
+):
+    token = session_of(api.login(1))
+    assert _doc(backend, "tiki_tokens", "1").to_dict()["key_id"] == "1"
+    _rotate_session_secret(stub)
+
+    not_due = api.refresh(token)
+    monkeypatch.setenv("TIKI_REFRESH_LEEWAY_SECONDS", "7200")
+    due = api.refresh(token)
+    monkeypatch.delenv("TIKI_REFRESH_LEEWAY_SECONDS")
+    after = api.refresh(token)
+
+    assert (not_due.status, due.status, after.status) == (200, 200, 200)
+    assert simulator.stats()["refresh_success"] == 1
+    stored = _doc(backend, "tiki_tokens", "1").to_dict()
+    assert stored["key_id"] == "2"
+    opened = vault.open_sealed(Secret(NEW_SESSION_SECRET, "2"), "1", stored["sealed"])
+    assert opened["refresh_token"] in simulator.issued()["refresh_tokens"]
+    with pytest.raises(vault.Unsealable):
+        vault.open_sealed(Secret(SESSION_SECRET, "1"), "1", stored["sealed"])
+
+
+def test_tokens_of_login_after_rotation_use_new_key(api: Api, stub, backend):
+    api.login(1)
+    _rotate_session_secret(stub)
+
+    api.login(3)
+
+    assert _doc(backend, "tiki_tokens", "1").to_dict()["key_id"] == "1"
+    assert _doc(backend, "tiki_tokens", "3").to_dict()["key_id"] == "2"
+
+
+# --- client secret rotation ---------------------------------------------------------
+
+
+def _rotate_client_secret(simulator: Sim, stub) -> None:
+    simulator.config(clients={CLIENT_ID: NEW_CLIENT_SECRET})
+    stub.add_version(CLIENT_SECRET_NAME, NEW_CLIENT_SECRET)
+
+
+def test_client_secret_rotation_login_retries_with_new_version(
+    api: Api, simulator: Sim, stub
+):
+    api.login(1)  # the old client secret is now cached, and only just
+    _rotate_client_secret(simulator, stub)
+    code = simulator.code(1)
+
+    answer = api.exchange(code)
+
+    stats = simulator.stats()
+    assert answer.status == 200
+    assert answer.data["user"]["login_count"] == 2
+    assert stats["signature_refused"] == 1
+    assert stats["codes_redeemed"] == 2
+    assert api.login(3).status == 200
+    assert simulator.stats()["signature_refused"] == 1  # the new secret was kept
+
+
+def test_client_secret_rotation_refresh_retries_with_new_version(
+    api: Api, simulator: Sim, stub
+):
+    simulator.config(access_ttl=60)
+    token = session_of(api.login(1))
+    _rotate_client_secret(simulator, stub)
+
+    refreshed = api.refresh(token)
+
+    stats = simulator.stats()
+    assert refreshed.status == 200
+    assert stats["signature_refused"] == 1
+    assert stats["refresh_success"] == 1
+    assert stats["refresh_reuse_refused"] == 0
+
+
+def test_client_secret_rotated_at_tiki_only_is_502_and_keeps_the_code(
+    api: Api, simulator: Sim
+):
+    api.login(1)
+    simulator.config(clients={CLIENT_ID: NEW_CLIENT_SECRET})
+    code = simulator.code(1)
+
+    refused = api.exchange(code)
+    simulator.config(clients={CLIENT_ID: CLIENT_SECRET})
+    retried = api.exchange(code)
+
+    assert (refused.status, refused.reason) == (502, "upstream_error")
+    assert refused.json["data"] is None
+    assert retried.status == 200
+    assert simulator.stats()["codes_redeemed"] == 2
