@@ -218,6 +218,7 @@ def _empty(status: int) -> flask.Response:
     import flask
 
     response = flask.Response(status=status)
+    del response.headers["Content-Type"]  # no body, so no type
     response.headers["Cache-Control"] = "no-store"
     return response
 
