@@ -266,7 +266,11 @@ class _Handler(BaseHTTPRequestHandler):
             status, answer = self._route(method, path, body)
         except StubError as exc:
             status, answer = exc.code, exc.body()
-        self._send(status, answer)
+        try:
+            self._send(status, answer)
+        except (BrokenPipeError, ConnectionResetError):
+            # The client gave up first (a delay fault outlasting its timeout).
+            self.close_connection = True
 
     def _route(self, method: str, path: str, body: bytes) -> tuple[int, Any]:
         store = self.server.store
