@@ -164,13 +164,25 @@ def backend_environment(
 
 
 _BACKEND_VARIABLES = [
-    "TIKI_CLIENT_ID", "TIKI_CLIENT_SECRET_RESOURCE", "SESSION_SECRET_RESOURCE",
-    "TIKI_CLIENT_SECRET", "SESSION_SECRET", "TIKI_BASE_URL", "GOOGLE_CLOUD_PROJECT",
-    "FIRESTORE_DATABASE", "FIRESTORE_EMULATOR_HOST", "SECRET_MANAGER_EMULATOR_HOST",
-    "ALLOWED_ORIGINS", "SESSION_TTL_SECONDS", "EXPOSE_TIKI_ACCESS_TOKEN",
-    "TIKI_REFRESH_LEEWAY_SECONDS", "SESSION_REFRESH_WINDOW_SECONDS",
-    "SECRET_CACHE_SECONDS", "TIKI_CONNECT_TIMEOUT_SECONDS",
-    "TIKI_READ_TIMEOUT_SECONDS", "FIRESTORE_TIMEOUT_SECONDS",
+    "TIKI_CLIENT_ID",
+    "TIKI_CLIENT_SECRET_RESOURCE",
+    "SESSION_SECRET_RESOURCE",
+    "TIKI_CLIENT_SECRET",
+    "SESSION_SECRET",
+    "TIKI_BASE_URL",
+    "GOOGLE_CLOUD_PROJECT",
+    "FIRESTORE_DATABASE",
+    "FIRESTORE_EMULATOR_HOST",
+    "SECRET_MANAGER_EMULATOR_HOST",
+    "ALLOWED_ORIGINS",
+    "SESSION_TTL_SECONDS",
+    "EXPOSE_TIKI_ACCESS_TOKEN",
+    "TIKI_REFRESH_LEEWAY_SECONDS",
+    "SESSION_REFRESH_WINDOW_SECONDS",
+    "SECRET_CACHE_SECONDS",
+    "TIKI_CONNECT_TIMEOUT_SECONDS",
+    "TIKI_READ_TIMEOUT_SECONDS",
+    "FIRESTORE_TIMEOUT_SECONDS",
 ]
 
 
@@ -292,14 +304,64 @@ def session_of(response: Response) -> str:
     return str(response.data["session_token"])
 
 
-def start_instance(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen[bytes]:
+def assert_error(response: Response, status: int, reason: str) -> None:
+    """An error envelope whose code is the HTTP status, never cached."""
+    assert response.status == status, response.body
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert response.headers["Cache-Control"] == "no-store"
+    assert response.json["data"] is None
+    assert response.error["code"] == status
+    assert response.error["reason"] == reason
+    assert isinstance(response.error["message"], str) and response.error["message"]
+
+
+def stored_documents(project: str = PROJECT) -> list[str]:
+    """Every user and tokens document in the emulator, as collection/id."""
+    from google.cloud import firestore
+
+    db = firestore.Client(project=project)
+    return [
+        f"{collection}/{document.id}"
+        for collection in ("tiki_users", "tiki_tokens")
+        for document in db.collection(collection).stream()
+    ]
+
+
+@pytest.fixture
+def firestore_uses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Counts every time the backend reaches for its Firestore client."""
+    from auth import store
+
+    uses: list[str] = []
+    real = store._db
+
+    def spy(settings: Any) -> Any:
+        uses.append("firestore")
+        return real(settings)
+
+    monkeypatch.setattr(store, "_db", spy)
+    return uses
+
+
+def start_instance(
+    env: dict[str, str], port: int, log_path: Path
+) -> subprocess.Popen[bytes]:
     """One more function instance: a real functions-framework server process."""
     executable = Path(sys.executable).with_name("functions-framework")
     log = log_path.open("wb")
     LEDGER.log_files.append(log_path)
     process = subprocess.Popen(
-        [str(executable), "--target", "local_router", "--source", str(ROOT / "main.py"),
-         "--host", "127.0.0.1", "--port", str(port)],
+        [
+            str(executable),
+            "--target",
+            "local_router",
+            "--source",
+            str(ROOT / "main.py"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
         env={**os.environ, **env},
         cwd=ROOT,
         stdout=log,

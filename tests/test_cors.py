@@ -8,8 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import ORIGIN, Api, Response, Sim, session_of
-from google.cloud import firestore
+from conftest import ORIGIN, Api, Response, Sim, session_of, stored_documents
 
 METHOD_OF = {
     "exchange_auth_code": "POST",
@@ -47,31 +46,6 @@ def preflight(
 
 def listed(value: str | None) -> set[str]:
     return {part.strip().lower() for part in (value or "").split(",") if part.strip()}
-
-
-def stored_documents(project: str) -> list[str]:
-    db = firestore.Client(project=project)
-    return [
-        f"{collection}/{document.id}"
-        for collection in ("tiki_users", "tiki_tokens")
-        for document in db.collection(collection).stream()
-    ]
-
-
-@pytest.fixture
-def firestore_uses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Counts every time the backend reaches for its Firestore client."""
-    from auth import store
-
-    uses: list[str] = []
-    real = store._db
-
-    def spy(settings: Any) -> Any:
-        uses.append("firestore")
-        return real(settings)
-
-    monkeypatch.setattr(store, "_db", spy)
-    return uses
 
 
 def assert_allowed(response: Response, origin: str = ORIGIN) -> None:

@@ -26,8 +26,8 @@ from conftest import (
     SESSION_SECRET,
     SESSION_SECRET_NAME,
     Api,
-    Response,
     Sim,
+    assert_error,
     session_of,
 )
 from google.cloud import firestore
@@ -71,16 +71,6 @@ def silent_host() -> Iterator[str]:
     for conn in held:
         conn.close()
     listener.close()
-
-
-def assert_error(response: Response, status: int, reason: str) -> None:
-    """An error envelope whose code is the HTTP status."""
-    body = response.json
-    assert response.status == status, response.body
-    assert body["data"] is None
-    assert body["error"]["code"] == status
-    assert body["error"]["reason"] == reason
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
 
 
 def documents(collection: str) -> dict[str, Any]:

@@ -10,8 +10,7 @@ import json
 from typing import Any
 
 import pytest
-from conftest import Api, Response, Sim, session_of
-from google.cloud import firestore
+from conftest import Api, Sim, assert_error, session_of, stored_documents
 
 POST_FUNCTIONS = [
     "exchange_auth_code",
@@ -32,43 +31,8 @@ ONE_MB = 1024 * 1024
 JSON = "application/json"
 
 
-def assert_error(response: Response, status: int, reason: str) -> None:
-    assert response.status == status, response.body
-    assert response.headers["Content-Type"].startswith("application/json")
-    assert response.headers["Cache-Control"] == "no-store"
-    assert response.json["data"] is None
-    assert response.error["code"] == status
-    assert response.error["reason"] == reason
-    assert isinstance(response.error["message"], str) and response.error["message"]
-
-
 def tiki_calls(simulator: Sim) -> int:
     return sum(simulator.stats()["calls"].values())
-
-
-def stored_documents(project: str) -> list[str]:
-    db = firestore.Client(project=project)
-    return [
-        f"{collection}/{document.id}"
-        for collection in ("tiki_users", "tiki_tokens")
-        for document in db.collection(collection).stream()
-    ]
-
-
-@pytest.fixture
-def firestore_uses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Counts every time the backend reaches for its Firestore client."""
-    from auth import store
-
-    uses: list[str] = []
-    real = store._db
-
-    def spy(settings: Any) -> Any:
-        uses.append("firestore")
-        return real(settings)
-
-    monkeypatch.setattr(store, "_db", spy)
-    return uses
 
 
 class CountingStream(io.BytesIO):

@@ -7,7 +7,6 @@ process and in the instance processes, and every response body the tests saw.
 from __future__ import annotations
 
 import pytest
-
 from conftest import LEDGER
 
 pytestmark = [pytest.mark.run_last, pytest.mark.no_backend]
@@ -39,11 +38,13 @@ def test_no_leaks_of_tiki_tokens_in_responses():
         pytest.skip("reads what the rest of the suite answered: run the whole suite")
 
     refresh_answered = [
-        t[:6] for t in LEDGER.refresh_tokens
+        t[:6]
+        for t in LEDGER.refresh_tokens
         if any(t in body for _, body in LEDGER.responses)
     ]
     access_answered_unasked = [
-        t[:6] for t in LEDGER.access_tokens
+        t[:6]
+        for t in LEDGER.access_tokens
         if any(t in body for exposed, body in LEDGER.responses if not exposed)
     ]
 

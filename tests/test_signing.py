@@ -18,7 +18,9 @@ TIMESTAMP = "1620621619569"
 def test_sign_published_post_vector():
     signature = signing.sign(SECRET, CLIENT_ID, TIMESTAMP, '{"id":123}')
 
-    assert signature == "8ebd092b9df2cf90e8ccbcab2ba87ee14f2abb25eb8f18b4d7286d42adcd45c2"
+    assert (
+        signature == "8ebd092b9df2cf90e8ccbcab2ba87ee14f2abb25eb8f18b4d7286d42adcd45c2"
+    )
 
 
 def test_sign_published_get_vector():
@@ -26,7 +28,9 @@ def test_sign_published_get_vector():
 
     signature = signing.sign(SECRET, CLIENT_ID, TIMESTAMP, content)
 
-    assert signature == "e1e0d63f7f8296dd31b2c082e611351a6c41a3bc0309a9299832f70b693722c8"
+    assert (
+        signature == "e1e0d63f7f8296dd31b2c082e611351a6c41a3bc0309a9299832f70b693722c8"
+    )
 
 
 def test_query_string_matches_the_published_get_content():
