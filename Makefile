@@ -13,9 +13,11 @@ run: bootstrap
 	$(PYTHON) -m local.stack
 
 # The prerequisite check first, so a missing Java or emulator says what to
-# install instead of failing test by test.
+# install instead of failing test by test; then lint and types, then the suite.
 test: bootstrap
 	@$(PYTHON) -m local.stack --check >/dev/null
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy auth main.py local
 	$(PYTHON) -m pytest -q
 
 lint: bootstrap
