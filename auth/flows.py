@@ -67,8 +67,11 @@ def refresh(settings: Settings, token: str) -> dict[str, Any]:
             "my.getAuthCode and log in again."
         )
     if not _due(settings, stored):
-        access = _open(settings, session.customer_key, stored)["access_token"]
-        return _session_response(settings, session.customer_key, user, access)
+        tokens = _open(settings, session.customer_key, stored)
+        _reseal_if_old(settings, session.customer_key, stored, tokens)
+        return _session_response(
+            settings, session.customer_key, user, tokens["access_token"]
+        )
     access = _refresh_once(settings, session.customer_key, stored)
     return _session_response(settings, session.customer_key, user, access)
 
@@ -103,6 +106,30 @@ def _current_user(settings: Settings, session: sessions.Session) -> UserRecord:
     if user.session_version != session.session_version:
         raise ReauthRequired(log="Session is from before a logout or an erasure.")
     return user
+
+
+def _reseal_if_old(
+    settings: Settings, key: str, stored: StoredTokens, tokens: dict[str, str]
+) -> None:
+    """Seal tokens again under the newest session-secret version after a rotation.
+
+    Guarded like every token write: if anything changed meanwhile, the newer
+    write wins and this one is dropped.
+    """
+    current = session_secret(settings)
+    if stored.key_id == current.version or stored.lease_owner is not None:
+        return
+    resealed = {
+        "sealed": vault.seal(current, key, dict(tokens)),
+        "key_id": current.version,
+        "expires_at": stored.expires_at,
+        "has_refresh_token": stored.has_refresh_token,
+        "scopes": stored.scopes,
+    }
+    if store.store_refreshed(settings, key, stored, resealed):
+        log.info(
+            "Stored Tiki tokens sealed under the newest key.", key_id=current.version
+        )
 
 
 def _refresh_once(settings: Settings, key: str, first: StoredTokens) -> str:

@@ -49,6 +49,7 @@ class StoredTokens:
     key_id: str
     expires_at: dt.datetime
     has_refresh_token: bool
+    scopes: list[str]
     lease_owner: str | None
     lease_until: dt.datetime | None
     # The document's update time: the version that guards every later write.
@@ -120,6 +121,7 @@ def take_lease(
         seen.key_id,
         seen.expires_at,
         seen.has_refresh_token,
+        seen.scopes,
         owner,
         until,
         result.update_time,
@@ -211,6 +213,7 @@ def _tokens(data: dict[str, Any], update_time: Any) -> StoredTokens:
         key_id=str(data["key_id"]),
         expires_at=data["expires_at"],
         has_refresh_token=bool(data.get("has_refresh_token")),
+        scopes=list(data.get("scopes") or []),
         lease_owner=data.get("lease_owner"),
         lease_until=data.get("lease_until"),
         update_time=update_time,

@@ -562,6 +562,26 @@ def test_tokens_sealed_under_old_key_are_read_and_resealed_on_refresh(
         vault.open_sealed(Secret(SESSION_SECRET, "1"), "1", stored["sealed"])
 
 
+def test_tokens_under_old_key_are_resealed_by_a_refresh_that_needs_no_tiki(
+    api: Api, simulator: Sim, stub, backend
+):
+    token = session_of(api.login(1))
+    before = _doc(backend, "tiki_tokens", "1").to_dict()
+    _rotate_session_secret(stub)
+
+    refreshed = api.refresh(token)
+    stored = _doc(backend, "tiki_tokens", "1").to_dict()
+
+    assert refreshed.status == 200, refreshed.body
+    assert simulator.stats()["calls"]["refresh"] == 0
+    assert stored["key_id"] == "2"
+    assert stored["expires_at"] == before["expires_at"]
+    old = vault.open_sealed(Secret(SESSION_SECRET, "1"), "1", before["sealed"])
+    new = vault.open_sealed(Secret(NEW_SESSION_SECRET, "2"), "1", stored["sealed"])
+    assert new == old
+    assert api.lookup(session_of(refreshed)).status == 200
+
+
 def test_tokens_of_login_after_rotation_use_new_key(api: Api, stub, backend):
     api.login(1)
     _rotate_session_secret(stub)
