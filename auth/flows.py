@@ -30,9 +30,10 @@ LEASE_POLL_SECONDS = 0.1
 def exchange(settings: Settings, code: str) -> dict[str, Any]:
     from auth.tiki import customer_key
 
-    # Both secrets first: once Tiki has the code it is spent, so nothing that
-    # can fail for lack of a secret may come after the exchange.
-    sealing_key = session_secret(settings)
+    # Both secrets first, and this session secret used to the end: once Tiki
+    # has the code it is spent, so nothing that can fail for lack of a secret
+    # (a cache expiring mid-request) may come after the exchange.
+    current = session_secret(settings)
     tokens, customer = _with_client_secret(
         settings, "exchange", lambda tiki: tiki.exchange(code)
     )
@@ -44,19 +45,22 @@ def exchange(settings: Settings, code: str) -> dict[str, Any]:
         customer.id,
         customer.name,
         list(tokens.scopes),
-        _sealed(sealing_key, key, tokens, None),
+        _sealed(current, key, tokens, None),
     )
     user = store.get_user(settings, key)
     if user is None:  # deleted between our write and this read
         raise ReauthRequired(log="The user record vanished right after login.")
     log.info("Customer logged in.", customer=key, login_count=user.login_count)
-    return _session_response(settings, key, user, tokens.access_token)
+    return _session_response(settings, current, key, user, tokens.access_token)
 
 
 def refresh(settings: Settings, token: str) -> dict[str, Any]:
     session = sessions.verify(
         settings, token, refresh_window=settings.session_refresh_window
     )
+    # Read once and used to the end: after Tiki rotates the refresh token,
+    # nothing may fail for lack of a secret before the new one is stored.
+    current = session_secret(settings)
     user = _current_user(settings, session)
     stored = store.get_tokens(settings, session.customer_key)
     if stored is None:
@@ -68,12 +72,11 @@ def refresh(settings: Settings, token: str) -> dict[str, Any]:
         )
     if not _due(settings, stored):
         tokens = _open(settings, session.customer_key, stored)
-        _reseal_if_old(settings, session.customer_key, stored, tokens)
-        return _session_response(
-            settings, session.customer_key, user, tokens["access_token"]
-        )
-    access = _refresh_once(settings, session.customer_key, stored)
-    return _session_response(settings, session.customer_key, user, access)
+        _reseal_if_old(settings, current, session.customer_key, stored, tokens)
+        access = tokens["access_token"]
+    else:
+        access = _refresh_once(settings, current, session.customer_key, stored)
+    return _session_response(settings, current, session.customer_key, user, access)
 
 
 def lookup(settings: Settings, token: str) -> dict[str, Any]:
@@ -83,7 +86,11 @@ def lookup(settings: Settings, token: str) -> dict[str, Any]:
 
 
 def revoke(settings: Settings, token: str) -> dict[str, Any]:
-    session = sessions.verify(settings, token)
+    # Whatever can still be refreshed can log out: a frontend holding only an
+    # expired session must be able to end it without renewing it first.
+    session = sessions.verify(
+        settings, token, refresh_window=settings.session_refresh_window
+    )
     _current_user(settings, session)
     store.revoke_sessions(settings, session.customer_key)
     log.info("Sessions revoked.", customer=session.customer_key)
@@ -109,14 +116,17 @@ def _current_user(settings: Settings, session: sessions.Session) -> UserRecord:
 
 
 def _reseal_if_old(
-    settings: Settings, key: str, stored: StoredTokens, tokens: dict[str, str]
+    settings: Settings,
+    current: Secret,
+    key: str,
+    stored: StoredTokens,
+    tokens: dict[str, str],
 ) -> None:
     """Seal tokens again under the newest session-secret version after a rotation.
 
     Guarded like every token write: if anything changed meanwhile, the newer
     write wins and this one is dropped.
     """
-    current = session_secret(settings)
     if stored.key_id == current.version or stored.lease_owner is not None:
         return
     resealed = {
@@ -132,16 +142,21 @@ def _reseal_if_old(
         )
 
 
-def _refresh_once(settings: Settings, key: str, first: StoredTokens) -> str:
+def _refresh_once(
+    settings: Settings, current: Secret, key: str, first: StoredTokens
+) -> str:
     """A fresh Tiki access token for ``key``, with one Tiki call across instances.
 
     The caller that takes the lease refreshes; the others wait for its result
     and take the tokens it stored, even when those are already inside the
     leeway again (short-lived tokens): only tokens that are actually expired
-    justify a second call. Every write is guarded by the update time seen, so
-    a slow instance whose lease lapsed cannot overwrite newer tokens.
+    justify a second call. If the refresh they waited for failed, they fail
+    too instead of each calling Tiki in turn. Every write is guarded by the
+    update time seen, so a slow instance whose lease lapsed cannot overwrite
+    newer tokens.
     """
     owner = _random.token_hex(8)
+    waited = False
     lease = _lease_seconds(settings)
     deadline = time.monotonic() + 2 * lease
     while time.monotonic() < deadline:
@@ -152,18 +167,25 @@ def _refresh_once(settings: Settings, key: str, first: StoredTokens) -> str:
         if renewed or not _due(settings, stored):
             return _open(settings, key, stored)["access_token"]
         if _leased_by_other(stored, owner):
+            waited = True
             time.sleep(LEASE_POLL_SECONDS)
             continue
+        if waited and stored.lease_owner is None:
+            # Released without new tokens: that refresh failed (Tiki down or
+            # slow). A lease that merely lapsed (a crash) is taken over below.
+            raise Unavailable(log="Another instance's token refresh just failed.")
         leased = store.take_lease(settings, key, stored, owner, lease)
         if leased is None:
             continue  # someone else wrote first; look again
-        access = _refresh_leased(settings, key, leased)
+        access = _refresh_leased(settings, current, key, leased)
         if access is not None:
             return access
     raise Unavailable(log="Gave up waiting for another instance's token refresh.")
 
 
-def _refresh_leased(settings: Settings, key: str, leased: StoredTokens) -> str | None:
+def _refresh_leased(
+    settings: Settings, current: Secret, key: str, leased: StoredTokens
+) -> str | None:
     old = _open(settings, key, leased)
     try:
         fresh = _with_client_secret(
@@ -178,10 +200,14 @@ def _refresh_leased(settings: Settings, key: str, leased: StoredTokens) -> str |
     except Exception:
         store.release_lease(settings, key, leased)
         raise
-    sealing_key = session_secret(settings)
     # Tiki may or may not rotate the refresh token: keep whichever is newest.
-    sealed = _sealed(sealing_key, key, fresh, old["refresh_token"])
-    if not store.store_refreshed(settings, key, leased, sealed):
+    sealed = _sealed(current, key, fresh, old["refresh_token"])
+    try:
+        written = store.store_refreshed(settings, key, leased, sealed)
+    except Exception:
+        store.release_lease(settings, key, leased)
+        raise
+    if not written:
         log.info("Tokens changed during our refresh; using the newer ones.")
         return None
     log.info("Tiki token refreshed.", customer=key)
@@ -290,10 +316,14 @@ def _open(settings: Settings, key: str, stored: StoredTokens) -> dict[str, str]:
 
 
 def _session_response(
-    settings: Settings, key: str, user: UserRecord, tiki_access_token: str
+    settings: Settings,
+    current: Secret,
+    key: str,
+    user: UserRecord,
+    tiki_access_token: str,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "session_token": sessions.issue(settings, key, user.session_version),
+        "session_token": sessions.issue(settings, current, key, user.session_version),
         "token_type": "Bearer",
         "expires_in": settings.session_ttl,
         "user": _user_json(user),

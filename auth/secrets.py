@@ -177,7 +177,8 @@ def _access(settings: Settings, name: str) -> Secret:
         state = "missing" if isinstance(exc, gexc.NotFound) else "disabled or destroyed"
         log.warning(f"Secret Manager: {name} is {state}.", resource=name)
         raise VersionUnusable(state) from exc
-    except (gexc.PermissionDenied, gexc.Unauthenticated) as exc:
+    # Over REST these arrive as their base classes Forbidden and Unauthorized.
+    except (gexc.Forbidden, gexc.Unauthorized) as exc:
         raise Unavailable(
             log=f"Secret Manager refused access to {name}: grant the function's "
             "service account roles/secretmanager.secretAccessor on it."

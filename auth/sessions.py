@@ -40,8 +40,10 @@ class Session:
     expires_at: int
 
 
-def issue(settings: Settings, customer_key: str, session_version: str) -> str:
-    secret = session_secret(settings)
+def issue(
+    settings: Settings, secret: Secret, customer_key: str, session_version: str
+) -> str:
+    """A session signed with ``secret``, the current session secret."""
     now = int(time.time())
     claims = {
         "iss": ISSUER,

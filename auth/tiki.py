@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, TypeGuard
 
 import requests
+import urllib3.exceptions as u3
 
 from auth import log, signing
 from auth.config import Settings
@@ -28,6 +29,8 @@ CONNECT_RETRY_PAUSE = 0.2
 _CUSTOMER_ID = re.compile(r"[1-9][0-9]{0,18}")
 _INT64_MAX = 2**63 - 1
 _MAX_TOKEN_CHARS = 8192
+# No token Tiki issues lives for years; a larger lifetime is a malformed answer.
+_MAX_EXPIRES_IN = 10 * 366 * 86400
 
 _session: requests.Session | None = None
 
@@ -163,8 +166,6 @@ def _http() -> requests.Session:
 
 def _never_sent(exc: requests.exceptions.ConnectionError) -> bool:
     """True when the failure happened while connecting, before any byte was sent."""
-    import urllib3.exceptions as u3
-
     cause: BaseException | None = exc.args[0] if exc.args else None
     if isinstance(cause, u3.MaxRetryError):
         cause = cause.reason
@@ -175,16 +176,18 @@ def _read_json(response: requests.Response, deadline: float) -> object:
     chunks: list[bytes] = []
     size = 0
     try:
-        for chunk in response.iter_content(chunk_size=16384):
+        # read1 returns whatever one socket read brings, so a Tiki that drips
+        # its answer byte by byte still meets the deadline check below.
+        while chunk := response.raw.read1(16384, decode_content=True):
             size += len(chunk)
             if size > MAX_RESPONSE_BYTES:
                 raise UpstreamError(log="Tiki's answer is larger than expected.")
             if time.monotonic() > deadline:
                 raise UpstreamTimeout(log="Tiki's answer arrived too slowly.")
             chunks.append(chunk)
-    except requests.exceptions.Timeout as exc:
+    except (requests.exceptions.Timeout, u3.ReadTimeoutError) as exc:
         raise UpstreamTimeout(log="Tiki stopped answering mid-response.") from exc
-    except requests.exceptions.RequestException as exc:
+    except (requests.exceptions.RequestException, u3.HTTPError, OSError) as exc:
         raise UpstreamError(log="Tiki's answer was cut off.") from exc
     try:
         return json.loads(b"".join(chunks))
@@ -213,6 +216,9 @@ def _unwrap(payload: object, status: int, what: str) -> dict[str, Any]:
             str(request_id)[:128] if request_id is not None else None,
             f"Tiki refused the {what}: {reason} (HTTP {status}).",
         )
+    if "error" not in payload:
+        # A success says so with "error": null; without it this is not Tiki.
+        _bad_status_or(status, f"Tiki {what}: no 'error' member; not an envelope.")
     if not isinstance(data, dict):
         return _bad_status_or(status, f"Tiki {what}: envelope without data.")
     if not 200 <= status < 300:
@@ -238,7 +244,7 @@ def _tokens(data: dict[str, Any], what: str) -> TikiTokens:
     if (
         isinstance(expires_in, bool)
         or not isinstance(expires_in, int)
-        or expires_in < 0
+        or not 0 <= expires_in <= _MAX_EXPIRES_IN
     ):
         raise UpstreamError(log=f"Tiki's {what} answer has no usable expires_in.")
     if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):

@@ -60,9 +60,9 @@ def serve(request: flask.Request, endpoint: Endpoint) -> flask.Response:
     try:
         if request.method == "OPTIONS":
             return _preflight(request, endpoint)
-        settings = config.load()
         if request.method not in endpoint.allow:
             raise MethodNotAllowed(endpoint.allow)
+        settings = config.load()
         data = endpoint.run(settings, request)
         status, body, headers = 200, {"data": data, "error": None}, {}
         log.info(f"{endpoint.name}: 200", status=200, latency_ms=_ms(started))
@@ -75,7 +75,18 @@ def serve(request: flask.Request, endpoint: Endpoint) -> flask.Response:
         log.reset(token)
     response = _json(body, status, headers)
     _cors(response, request)
+    _leave_unread_body(request)
     return response
+
+
+def _leave_unread_body(request: flask.Request) -> None:
+    # NOTE: functions-framework reads the whole request body after every
+    # response (its after_request hook calls request.get_data()), which would
+    # buffer a huge or endless body we refused unread. Marking the body as
+    # already read keeps it out of memory; the server discards the rest.
+    length = request.content_length
+    if length is None or length > MAX_BODY_BYTES:
+        request._cached_data = b""
 
 
 def not_found(request: flask.Request) -> flask.Response:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -348,6 +349,7 @@ def start_instance(
 ) -> subprocess.Popen[bytes]:
     """One more function instance: a real functions-framework server process."""
     executable = Path(sys.executable).with_name("functions-framework")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     log = log_path.open("wb")
     LEDGER.log_files.append(log_path)
     process = subprocess.Popen(
@@ -381,6 +383,35 @@ def start_instance(
             time.sleep(0.2)
     process.kill()
     raise RuntimeError(f"instance did not start; see {log_path}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stop_instance(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def instance(
+    firestore: firestore_emulator.FirestoreEmulator,
+    stub: secret_manager_stub.SecretStub,
+    simulator: Sim,
+) -> Iterator[str]:
+    """Base URL of one running instance serving every function by path."""
+    port = free_port()
+    env = backend_environment(firestore, stub, simulator)
+    process = start_instance(env, port, ROOT / ".local" / f"instance-{port}.log")
+    yield f"http://127.0.0.1:{port}"
+    stop_instance(process)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -8,6 +8,8 @@ accepts and never answers. Every address is on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import socket
 import threading
@@ -210,6 +212,54 @@ def test_exchange_tiki_timeout_is_504_and_the_code_is_sent_once(
     assert_error(response, 504, "upstream_timeout")
     assert time.monotonic() - started < 2.8
     assert tiki_calls(simulator) == 1
+    assert_nothing_stored()
+
+
+@pytest.fixture
+def dripping_tiki() -> Iterator[str]:
+    """Base URL of a local server that answers at once, then drips its body."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    stop = threading.Event()
+    body = b'{"data": null, "error": {"code": 400, "reason": "invalid_code"}}'
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n"
+                with contextlib.suppress(OSError):
+                    conn.sendall(head.encode())
+                    for byte in body:
+                        if stop.wait(0.2):
+                            return
+                        conn.sendall(bytes([byte]))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/tiniapp-open-api"
+    stop.set()
+    thread.join(timeout=5)
+    listener.close()
+
+
+def test_exchange_tiki_dripping_its_answer_is_504_near_the_timeout(
+    api: Api, simulator: Sim, monkeypatch, dripping_tiki
+):
+    monkeypatch.setenv("TIKI_BASE_URL", dripping_tiki)
+    monkeypatch.setenv("TIKI_READ_TIMEOUT_SECONDS", "1")
+    started = time.monotonic()
+
+    response = api.exchange(simulator.code(1))
+
+    assert_error(response, 504, "upstream_timeout")
+    assert time.monotonic() - started < 3
     assert_nothing_stored()
 
 
@@ -554,3 +604,45 @@ def test_exchange_unusable_secret_version_is_503_naming_the_resource(
     assert CLIENT_SECRET not in text and SESSION_SECRET not in text
     assert tiki_calls(simulator) == 0
     assert_nothing_stored()
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        pytest.param({"expires_in": 10**12}, id="expires-in-huge"),
+        pytest.param({"expires_in": -1}, id="expires-in-negative"),
+        pytest.param({"expires_in": "3600"}, id="expires-in-text"),
+        pytest.param({"expires_in": 3600.5}, id="expires-in-float"),
+        pytest.param({"scopes": "offline"}, id="scopes-not-a-list"),
+        pytest.param({"refresh_token": 42}, id="refresh-token-not-text"),
+    ],
+)
+def test_exchange_tiki_success_with_unusable_fields_is_502(
+    api: Api, simulator: Sim, override
+):
+    simulator.fault(endpoint="token", data_override=override)
+
+    response = api.exchange(simulator.code(1))
+
+    assert_error(response, 502, "upstream_error")
+    assert_nothing_stored()
+
+
+def test_exchange_tiki_body_without_error_member_is_502(api: Api, simulator: Sim):
+    body = {"data": {"access_token": "a", "expires_in": 10, "customer": {"id": 5}}}
+    simulator.fault(
+        endpoint="token", raw_body=json.dumps(body), content_type="application/json"
+    )
+
+    response = api.exchange(simulator.code(5))
+
+    assert_error(response, 502, "upstream_error")
+    assert_nothing_stored()
+
+
+def test_wrong_method_with_bad_configuration_is_still_405(api: Api, monkeypatch):
+    monkeypatch.setenv("SESSION_TTL_SECONDS", "abc")
+
+    response = api.call("lookup_user", method="PUT")
+
+    assert_error(response, 405, "method_not_allowed")

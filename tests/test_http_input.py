@@ -5,8 +5,10 @@ and no Firestore access that the request did not need.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import socket
 from typing import Any
 
 import pytest
@@ -450,3 +452,57 @@ def test_session_function_valid_authorization_is_accepted(
     assert response.status == 200, response.body
     assert response.error is None
     assert firestore_uses != []
+
+
+def _raw_request(base: str, head: str, body: bytes) -> bytes:
+    """Send a request by hand and return what arrives within two seconds."""
+    host, port = base.removeprefix("http://").split(":")
+    answer = b""
+    with socket.create_connection((host, int(port)), timeout=2) as conn:
+        conn.sendall(head.encode() + body)
+        with contextlib.suppress(TimeoutError):
+            while not _complete(answer):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+    return answer
+
+
+def _complete(answer: bytes) -> bool:
+    head, sep, body = answer.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    return True
+
+
+def test_exchange_declared_huge_body_is_answered_413_without_waiting_for_it(
+    instance: str,
+):
+    head = (
+        "POST /exchange_auth_code HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {ONE_MB}\r\n\r\n"
+    )
+
+    answer = _raw_request(instance, head, b"{")
+
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:80]
+    assert b'"reason":"payload_too_large"' in answer
+
+
+def test_session_function_declared_huge_body_is_answered_without_waiting(
+    instance: str,
+):
+    head = (
+        "POST /refresh_auth_token HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Length: {300 * ONE_MB}\r\n\r\n"
+    )
+
+    answer = _raw_request(instance, head, b"x" * 1024)
+
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:80]

@@ -365,6 +365,18 @@ def test_delete_with_expired_session_is_refused_and_keeps_data(api: Api, backend
     assert _doc(backend, "tiki_tokens", "1").exists
 
 
+def test_revoke_with_expired_but_refreshable_session_ends_it(api: Api, backend):
+    session = session_of(api.login(1))
+    expired = _expired(session, seconds_ago=DAY)
+
+    revoked = api.revoke(expired)
+    refreshed = api.refresh(expired)
+
+    assert revoked.status == 200, revoked.body
+    assert (refreshed.status, refreshed.reason) == (401, "reauth_required")
+    assert not _doc(backend, "tiki_tokens", "1").exists
+
+
 # --- logout -------------------------------------------------------------------------
 
 
@@ -649,3 +661,75 @@ def test_client_secret_rotated_at_tiki_only_is_502_and_keeps_the_code(
     assert refused.json["data"] is None
     assert retried.status == 200
     assert simulator.stats()["codes_redeemed"] == 2
+
+
+# --- failures around a refresh -------------------------------------------------------
+
+
+def _due_session(api: Api, simulator: Sim) -> str:
+    simulator.config(access_ttl=1)
+    token = session_of(api.login(1))
+    simulator.config(access_ttl=3600)
+    return token
+
+
+def test_refresh_secret_manager_failing_during_tiki_call_keeps_rotated_token(
+    api: Api, simulator: Sim, stub, monkeypatch
+):
+    monkeypatch.setenv("SECRET_CACHE_SECONDS", "1")
+    token = _due_session(api, simulator)
+    simulator.fault(endpoint="refresh", delay_ms=1500)
+
+    def break_secret_manager_midway() -> None:
+        time.sleep(0.5)
+        stub.set_faults(times=50, status=503)
+
+    breaker = threading.Thread(target=break_secret_manager_midway)
+    breaker.start()
+    first = api.refresh(token)
+    breaker.join()
+    stub.clear_faults()
+    started = time.monotonic()
+    second = api.refresh(session_of(first) if first.status == 200 else token)
+
+    assert first.status == 200, first.body
+    assert second.status == 200, second.body
+    assert time.monotonic() - started < 3
+    assert simulator.stats()["refresh_reuse_refused"] == 0
+
+
+def test_exchange_secret_cache_expiring_during_tiki_call_still_answers(
+    api: Api, simulator: Sim, stub, backend, monkeypatch
+):
+    monkeypatch.setenv("SECRET_CACHE_SECONDS", "1")
+    simulator.fault(endpoint="token", delay_ms=1500)
+
+    def break_secret_manager_midway() -> None:
+        time.sleep(0.5)
+        stub.set_faults(times=50, status=503)
+
+    breaker = threading.Thread(target=break_secret_manager_midway)
+    breaker.start()
+    answer = api.exchange(simulator.code(1))
+    breaker.join()
+    stub.clear_faults()
+
+    assert answer.status == 200, answer.body
+    assert _doc(backend, "tiki_users", "1").to_dict()["login_count"] == 1
+
+
+def test_refresh_parallel_callers_share_a_failed_tiki_call(
+    api: Api, simulator: Sim, instances
+):
+    urls = instances()
+    token = _due_session(api, simulator)
+    _warm(urls, token)
+    simulator.fault(endpoint="refresh", status=500, delay_ms=1000, times=10)
+    started = time.monotonic()
+
+    answers = _refresh_all(urls, token)
+
+    elapsed = time.monotonic() - started
+    assert all(a.status_code in (502, 503) for a in answers), [a.text for a in answers]
+    assert simulator.stats()["calls"]["refresh"] == 1
+    assert elapsed < 5

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,8 +19,6 @@ from conftest import (
     LEDGER,
     ORIGIN,
     Sim,
-    backend_environment,
-    start_instance,
 )
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -245,29 +240,6 @@ def login_requests(draw: st.DrawFn) -> Drawn:
         body=draw(st.one_of(CODE_BODIES, CODE_BODIES, BODIES)),
         chunked=draw(st.sampled_from([False, False, False, True])),
     )
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def instance(
-    firestore: Any, stub: Any, simulator: Sim, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    env = backend_environment(firestore, stub, simulator)
-    port = _free_port()
-    log_path: Path = tmp_path_factory.mktemp("properties") / "instance.log"
-    process = start_instance(env, port, log_path)
-    yield f"http://127.0.0.1:{port}"
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=5)
 
 
 @pytest.fixture(scope="module")
