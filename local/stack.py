@@ -255,6 +255,8 @@ def start_functions(
 ) -> None:
     """functions-framework in its own process group, output copied to a log."""
     LOG_DIR.mkdir(exist_ok=True)
+    # Named by port, so two stacks from one clone keep separate logs.
+    stack.functions_log = LOG_DIR / f"functions-{port}.log"
     command = [
         str(functions_framework_path()),
         f"--target={target}",
@@ -339,7 +341,8 @@ Log in from another terminal, in {REPO_ROOT}:
   RESP=$({exchange}); echo "$RESP"
   TOKEN=$(echo "$RESP" | {token})
 
-  # Your own user record, then a new session (Tiki refreshed server-side).
+  # Your own user record, then a new session (Tiki is called only when its
+  # token is near expiry; the refresh token never leaves the backend).
   curl -s {api}/lookup_user -H "Authorization: Bearer $TOKEN"
   curl -s -X POST {api}/refresh_auth_token -H "Authorization: Bearer $TOKEN"
 
@@ -378,7 +381,8 @@ def run(args: argparse.Namespace, stack: Stack, stopping: threading.Event) -> No
     if stopping.is_set():
         return
     stack.emulator = firestore_emulator.start(
-        port=ports["firestore"], log_path=LOG_DIR / "firestore.log"
+        port=ports["firestore"],
+        log_path=LOG_DIR / f"firestore-{ports['firestore']}.log",
     )
     if stopping.is_set():
         return
