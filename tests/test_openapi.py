@@ -621,8 +621,8 @@ ERROR_CASES = [
     ("tiki-504", _tiki_answers(504), "POST", "exchange_auth_code",
      {"json": {"code": "abc.def"}}, 504, "upstream_timeout"),
     ("misconfigured", _no_client_id, "GET", "lookup_user", {}, 500, "internal"),
-    ("misconfigured-wrong-method", _no_client_id, "PUT", "lookup_user", {}, 500,
-     "internal"),
+    ("misconfigured-wrong-method", _no_client_id, "PUT", "lookup_user", {}, 405,
+     "method_not_allowed"),
 ]
 # fmt: on
 

@@ -286,14 +286,16 @@ REFUSED: dict[str, Forger] = {
 }
 
 # A session that expired moments ago is what refresh_auth_token exists to renew
-# (SESSION_REFRESH_WINDOW_SECONDS), so expiry alone is not refused there.
+# (SESSION_REFRESH_WINDOW_SECONDS), and what revoke_sessions must still be able
+# to end, so expiry alone is not refused by those two.
 EXPIRY_CASES = {"expired_60s", "expired_10s"}
+RENEWABLE_TARGETS = {"refresh_auth_token", "revoke_sessions"}
 
 MATRIX = [
     pytest.param(target, name, id=f"{target}-{name}")
     for target in TARGETS
     for name in REFUSED
-    if not (target == "refresh_auth_token" and name in EXPIRY_CASES)
+    if not (target in RENEWABLE_TARGETS and name in EXPIRY_CASES)
 ]
 
 
