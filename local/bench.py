@@ -32,13 +32,15 @@ ROOT = Path(__file__).resolve().parent.parent
 PROJECT = "tini-bench"
 SECRETS = f"projects/{PROJECT}/secrets"
 WARM_REQUESTS = 100
+# Measured on this project's 2-core machine: about 0.01 s, 1.2 s, 25 ms, 9 ms,
+# 15 ms and 110 MiB; the targets leave room for a slower or busier machine.
 TARGETS = {
-    "import main (s, median of 5)": 0.15,
-    "first login after start (s)": 3.0,
-    "warm login p95 (ms)": 150.0,
-    "warm lookup p95 (ms)": 50.0,
-    "warm refresh p95 (ms)": 80.0,
-    "instance RSS (MiB)": 200.0,
+    "import main (s, median of 5)": 0.05,
+    "first login after start (s)": 2.5,
+    "warm login p95 (ms)": 60.0,
+    "warm lookup p95 (ms)": 25.0,
+    "warm refresh p95 (ms)": 40.0,
+    "instance RSS (MiB)": 160.0,
 }
 
 
