@@ -75,7 +75,9 @@ def refresh(settings: Settings, token: str) -> dict[str, Any]:
         _reseal_if_old(settings, current, session.customer_key, stored, tokens)
         access = tokens["access_token"]
     else:
-        access = _refresh_once(settings, current, session.customer_key, stored)
+        access = _refresh_once(settings, current, session, stored)
+        # Logout or erasure may have come while Tiki answered: check again.
+        user = _current_user(settings, session)
     return _session_response(settings, current, session.customer_key, user, access)
 
 
@@ -98,7 +100,10 @@ def revoke(settings: Settings, token: str) -> dict[str, Any]:
 
 
 def delete(settings: Settings, token: str) -> dict[str, Any]:
-    session = sessions.verify(settings, token)
+    # As with logout: a session that could be refreshed may erase its data.
+    session = sessions.verify(
+        settings, token, refresh_window=settings.session_refresh_window
+    )
     _current_user(settings, session)
     store.delete_user(settings, session.customer_key)
     log.info("User record and tokens deleted.", customer=session.customer_key)
@@ -127,15 +132,12 @@ def _reseal_if_old(
     Guarded like every token write: if anything changed meanwhile, the newer
     write wins and this one is dropped.
     """
-    if stored.key_id == current.version or stored.lease_owner is not None:
+    # Forward only: an instance whose cache still holds the older version
+    # must not seal tokens back under it.
+    newer = stored.key_id.isdigit() and int(current.version) > int(stored.key_id)
+    if not newer or stored.lease_owner is not None:
         return
-    resealed = {
-        "sealed": vault.seal(current, key, dict(tokens)),
-        "key_id": current.version,
-        "expires_at": stored.expires_at,
-        "has_refresh_token": stored.has_refresh_token,
-        "scopes": stored.scopes,
-    }
+    resealed = _sealed_values(current, key, tokens, stored, stored.expires_at)
     if store.store_refreshed(settings, key, stored, resealed):
         log.info(
             "Stored Tiki tokens sealed under the newest key.", key_id=current.version
@@ -143,7 +145,10 @@ def _reseal_if_old(
 
 
 def _refresh_once(
-    settings: Settings, current: Secret, key: str, first: StoredTokens
+    settings: Settings,
+    current: Secret,
+    session: sessions.Session,
+    first: StoredTokens,
 ) -> str:
     """A fresh Tiki access token for ``key``, with one Tiki call across instances.
 
@@ -155,10 +160,11 @@ def _refresh_once(
     update time seen, so a slow instance whose lease lapsed cannot overwrite
     newer tokens.
     """
+    key = session.customer_key
     owner = _random.token_hex(8)
     waited = False
     lease = _lease_seconds(settings)
-    deadline = time.monotonic() + 2 * lease
+    deadline = time.monotonic() + lease + LEASE_MARGIN_SECONDS
     while time.monotonic() < deadline:
         stored = store.get_tokens(settings, key)
         if stored is None or not stored.has_refresh_token:
@@ -174,6 +180,8 @@ def _refresh_once(
             # Released without new tokens: that refresh failed (Tiki down or
             # slow). A lease that merely lapsed (a crash) is taken over below.
             raise Unavailable(log="Another instance's token refresh just failed.")
+        # A logout or erasure may have happened while we waited.
+        _current_user(settings, session)
         leased = store.take_lease(settings, key, stored, owner, lease)
         if leased is None:
             continue  # someone else wrote first; look again
@@ -186,6 +194,8 @@ def _refresh_once(
 def _refresh_leased(
     settings: Settings, current: Secret, key: str, leased: StoredTokens
 ) -> str | None:
+    from auth.tiki import RotatedButUnusable
+
     old = _open(settings, key, leased)
     try:
         fresh = _with_client_secret(
@@ -196,6 +206,13 @@ def _refresh_leased(
             # Our lease lapsed and another instance stored newer tokens while
             # Tiki refused the refresh token it had already rotated: use those.
             return None
+        raise
+    except RotatedButUnusable as exc:
+        # Keep the new refresh token (the old one may be spent), due at once.
+        kept = {"access_token": old["access_token"], "refresh_token": exc.refresh_token}
+        store.store_refreshed(
+            settings, key, leased, _sealed_values(current, key, kept, leased, _now())
+        )
         raise
     except Exception:
         store.release_lease(settings, key, leased)
@@ -268,11 +285,14 @@ def _due(settings: Settings, stored: StoredTokens) -> bool:
 
 
 def _lease_seconds(settings: Settings) -> float:
-    from auth.tiki import CONNECT_RETRY_PAUSE
+    from auth.tiki import total_seconds
 
-    # Two connect attempts, the pause between them, and the whole answer.
-    slowest = 2 * settings.tiki_connect_timeout + CONNECT_RETRY_PAUSE
-    return slowest + settings.tiki_read_timeout + LEASE_MARGIN_SECONDS
+    # Two whole Tiki calls (a signature refusal is retried once) and a margin.
+    return 2 * total_seconds(settings) + LEASE_MARGIN_SECONDS
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
 
 
 def _expired(stored: StoredTokens) -> bool:
@@ -300,6 +320,23 @@ def _sealed(
         "expires_at": expires_at,
         "has_refresh_token": refresh_token is not None,
         "scopes": list(tokens.scopes),
+    }
+
+
+def _sealed_values(
+    secret: Secret,
+    key: str,
+    tokens: dict[str, str],
+    stored: StoredTokens,
+    expires_at: dt.datetime,
+) -> dict[str, Any]:
+    """Tokens sealed again under ``secret``, keeping what else was stored."""
+    return {
+        "sealed": vault.seal(secret, key, dict(tokens)),
+        "key_id": secret.version,
+        "expires_at": expires_at,
+        "has_refresh_token": stored.has_refresh_token,
+        "scopes": stored.scopes,
     }
 
 

@@ -40,7 +40,11 @@ class VersionUnusable(Exception):
     """That version is missing, disabled or destroyed."""
 
 
+# At most one forced reload of the session secret per this many seconds.
+RELOAD_SECONDS = 1.0
+
 _cache: dict[tuple[str, str], tuple[float, Secret | None]] = {}
+_last_reload = -RELOAD_SECONDS
 _lock = threading.Lock()
 _client: Any = None
 _client_host: str | None = None
@@ -73,6 +77,30 @@ def session_secret(settings: Settings) -> Secret:
     )
 
 
+def session_secret_at_least(settings: Settings, version: int) -> Secret:
+    """The newest session secret, reloaded if another instance has seen a newer one.
+
+    After a rotation, instances learn the new version at different times; a
+    session signed with it must not fail on an instance whose cache lags. The
+    reload is limited to one per RELOAD_SECONDS, so forged key ids cannot make
+    an instance call Secret Manager on every request.
+    """
+    current = session_secret(settings)
+    resource = settings.session_secret_resource
+    if resource is None or version <= int(current.version):
+        return current
+    global _last_reload
+    now = time.monotonic()
+    if now - _last_reload < RELOAD_SECONDS:
+        return current
+    _last_reload = now
+    base, pinned = _split(resource, "SESSION_SECRET_RESOURCE")
+    try:
+        return _cached(settings, base, pinned, None, force=True)
+    except VersionUnusable as exc:
+        raise Unavailable(log=f"{resource} cannot be read: {exc}.") from exc
+
+
 def session_secret_version(settings: Settings, version: str) -> Secret | None:
     """An earlier (or the current) session secret by version; None if unusable.
 
@@ -92,8 +120,10 @@ def session_secret_version(settings: Settings, version: str) -> Secret | None:
 
 
 def clear_cache() -> None:
+    global _last_reload
     with _lock:
         _cache.clear()
+        _last_reload = -RELOAD_SECONDS
 
 
 def _current(
@@ -130,7 +160,12 @@ def _split(resource: str, variable: str) -> tuple[str, str]:
 
 
 def _cached(
-    settings: Settings, base: str, version: str, refused: Secret | None
+    settings: Settings,
+    base: str,
+    version: str,
+    refused: Secret | None,
+    *,
+    force: bool = False,
 ) -> Secret:
     key = (base, version)
     now = time.monotonic()
@@ -141,14 +176,18 @@ def _cached(
             if refused is not None
             else now - hit[0] < settings.secret_cache_seconds
         )
-        if hit and usable:
+        if hit and usable and not force:
             if hit[1] is None:
                 raise VersionUnusable("not usable (cached answer)")
             return hit[1]
         try:
             secret = _access(settings, f"{base}/versions/{version}")
         except VersionUnusable:
-            _remember(key, now, None)
+            # A session's old key id may stay refused for the cache's life;
+            # the current secret is asked again next time, so an operator's
+            # quick fix (re-enabling a version) is seen at once.
+            if version != "latest":
+                _remember(key, now, None)
             raise
         _remember(key, now, secret)
         if version == "latest":

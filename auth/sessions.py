@@ -18,7 +18,12 @@ import jwt
 from auth import keys, log
 from auth.config import Settings
 from auth.errors import ReauthRequired, Unauthenticated
-from auth.secrets import ENV_VERSION, Secret, session_secret, session_secret_version
+from auth.secrets import (
+    ENV_VERSION,
+    Secret,
+    session_secret_at_least,
+    session_secret_version,
+)
 
 ALGORITHM = "HS256"
 ISSUER = "tiniapp-auth"
@@ -97,7 +102,7 @@ def _key_for(settings: Settings, kid: object) -> Secret:
     # so a forged kid can neither name another secret nor flood Secret Manager.
     if not isinstance(kid, str) or not _KID.fullmatch(kid):
         raise _refused("key id is not a version number")
-    current = session_secret(settings)
+    current = session_secret_at_least(settings, int(kid))
     if current.version == ENV_VERSION or kid == ENV_VERSION:
         if kid != current.version:
             raise _refused("unknown key id")

@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,10 @@ USERS = "tiki_users"
 TOKENS = "tiki_tokens"
 # Reads retry a refused connection for at most this long before answering 503.
 READ_RETRY_SECONDS = 2.0
+# Refreshed tokens are the only copy of a rotated refresh token: their write
+# rides out a Firestore outage this long.
+WRITE_RETRY_SECONDS = 10.0
+WRITE_RETRY_PAUSE = 0.5
 
 _client: Any = None
 _client_key: tuple[str | None, ...] | None = None
@@ -131,10 +136,26 @@ def take_lease(
 def store_refreshed(
     settings: Settings, key: str, leased: StoredTokens, tokens: dict[str, Any]
 ) -> bool:
-    """Write refreshed tokens unless someone wrote since our lease was taken."""
+    """Write refreshed tokens unless someone wrote since our lease was taken.
+
+    Tiki may have retired the old refresh token, so this write is retried
+    through a short outage; retrying is safe because it is guarded: an attempt
+    that did land makes the next one fail its precondition, not write twice.
+    """
     fields = _token_fields(None, tokens)
     del fields["customer_id"]
-    return _write_if_unchanged(settings, key, leased.update_time, fields) is not None
+    deadline = time.monotonic() + WRITE_RETRY_SECONDS
+    while True:
+        try:
+            return (
+                _write_if_unchanged(settings, key, leased.update_time, fields)
+                is not None
+            )
+        except Unavailable:
+            if time.monotonic() + WRITE_RETRY_PAUSE >= deadline:
+                raise
+            log.warning("Retrying the write of refreshed tokens.", customer=key)
+            time.sleep(WRITE_RETRY_PAUSE)
 
 
 def release_lease(settings: Settings, key: str, leased: StoredTokens) -> None:

@@ -7,6 +7,8 @@ own sample backend reads the body, so the envelope decides, not the status.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextvars
 import json
 import re
 import time
@@ -32,7 +34,11 @@ _MAX_TOKEN_CHARS = 8192
 # No token Tiki issues lives for years; a larger lifetime is a malformed answer.
 _MAX_EXPIRES_IN = 10 * 366 * 86400
 
+# Calls to Tiki in flight at once per instance (each on a worker thread).
+MAX_CONCURRENT_CALLS = 32
+
 _session: requests.Session | None = None
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
 
 class TikiRefused(UpstreamError):
@@ -76,13 +82,32 @@ def customer_key(value: object) -> str:
     raise UpstreamError(log="Tiki sent a customer id that is not a positive integer.")
 
 
+class RotatedButUnusable(UpstreamError):
+    """Tiki's refresh answer is unusable, yet carries a new refresh token.
+
+    Tiki may already have retired the old refresh token, so the new one must be
+    kept even though this refresh failed.
+    """
+
+    def __init__(self, refresh_token: str, log: str | None) -> None:
+        self.refresh_token = refresh_token
+        super().__init__(log=log)
+
+
+def total_seconds(settings: Settings) -> float:
+    """The longest one Tiki call may take: two connects, the pause, the answer."""
+    connects = 2 * settings.tiki_connect_timeout + CONNECT_RETRY_PAUSE
+    return connects + settings.tiki_read_timeout
+
+
 class TikiClient:
     def __init__(self, settings: Settings, client_secret: str) -> None:
         self._settings = settings
         self._secret = client_secret
 
     def exchange(self, code: str) -> tuple[TikiTokens, TikiCustomer]:
-        data = self._call("/oauth/auth/token", {"code": code}, "exchange")
+        payload, status = self._call("/oauth/auth/token", {"code": code}, "exchange")
+        data = _unwrap(payload, status, "exchange")
         customer = data.get("customer")
         if not isinstance(customer, dict):
             raise UpstreamError(log="Tiki's exchange answer has no customer.")
@@ -93,30 +118,59 @@ class TikiClient:
         return _tokens(data, "exchange"), TikiCustomer(customer["id"], name)
 
     def refresh(self, refresh_token: str) -> TikiTokens:
-        data = self._call(
+        payload, status = self._call(
             "/oauth/auth/token/refresh", {"refresh_token": refresh_token}, "refresh"
         )
-        return _tokens(data, "refresh")
+        try:
+            return _tokens(_unwrap(payload, status, "refresh"), "refresh")
+        except TikiRefused:
+            raise
+        except (UpstreamError, Unavailable, UpstreamTimeout) as exc:
+            rotated = _refresh_token_in(payload)
+            if rotated is None or rotated == refresh_token:
+                raise
+            raise RotatedButUnusable(rotated, exc.log) from exc
 
     def me(self, access_token: str) -> TikiCustomer:
-        data = self._call("/oauth/me", {"access_token": access_token}, "me")
+        payload, status = self._call("/oauth/me", {"access_token": access_token}, "me")
+        data = _unwrap(payload, status, "me")
         customer_key(data.get("customer_id"))
         name = data.get("customer_name")
         return TikiCustomer(
             data["customer_id"], name if isinstance(name, str) else None
         )
 
-    def _call(self, path: str, body: dict[str, str], what: str) -> dict[str, Any]:
-        content = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
-        raw = content.encode()
-        url = self._settings.tiki_base_url + path
-        started = time.monotonic()
-        response = self._post(url, raw, content, what)
+    def _call(self, path: str, body: dict[str, str], what: str) -> tuple[object, int]:
+        """The parsed answer and its HTTP status, within ``total_seconds``.
+
+        requests' timeouts bound each socket read, not the whole answer: a Tiki
+        that drips its headers or body would outlast them (and the refresh
+        lease). The call runs on a worker thread and is abandoned at the
+        deadline; the worker ends on its own read timeouts.
+        """
+        deadline = total_seconds(self._settings)
+        run = contextvars.copy_context().run
+        future = _workers().submit(run, self._round_trip, path, body, what)
         try:
-            payload = _read_json(response, started + self._settings.tiki_read_timeout)
+            return future.result(timeout=deadline)
+        except concurrent.futures.TimeoutError:
+            raise UpstreamTimeout(
+                log=f"Tiki {what}: no whole answer in time."
+            ) from None
+
+    def _round_trip(
+        self, path: str, body: dict[str, str], what: str
+    ) -> tuple[object, int]:
+        content = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+        url = self._settings.tiki_base_url + path
+        response = self._post(url, content.encode(), content, what)
+        # The body gets the read timeout as a whole, however it trickles in.
+        body_deadline = time.monotonic() + self._settings.tiki_read_timeout
+        try:
+            payload = _read_json(response, body_deadline)
         finally:
             response.close()
-        return _unwrap(payload, response.status_code, what)
+        return payload, response.status_code
 
     def _post(self, url: str, raw: bytes, content: str, what: str) -> requests.Response:
         timeout = (
@@ -156,6 +210,15 @@ class TikiClient:
         ) from failure
 
 
+def _workers() -> concurrent.futures.ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=MAX_CONCURRENT_CALLS, thread_name_prefix="tiki"
+        )
+    return _pool
+
+
 def _http() -> requests.Session:
     global _session
     if _session is None:
@@ -191,7 +254,7 @@ def _read_json(response: requests.Response, deadline: float) -> object:
         raise UpstreamError(log="Tiki's answer was cut off.") from exc
     try:
         return json.loads(b"".join(chunks))
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 
@@ -237,6 +300,8 @@ def _bad_status_or(status: int, message: str) -> NoReturn:
 def _tokens(data: dict[str, Any], what: str) -> TikiTokens:
     access, refresh = data.get("access_token"), data.get("refresh_token")
     expires_in, scopes = data.get("expires_in"), data.get("scopes", [])
+    if isinstance(scopes, str):  # OAuth 2.0's own form: space-separated
+        scopes = scopes.split()
     if not _is_token(access):
         raise UpstreamError(log=f"Tiki's {what} answer has no usable access_token.")
     if refresh is not None and not _is_token(refresh):
@@ -250,6 +315,12 @@ def _tokens(data: dict[str, Any], what: str) -> TikiTokens:
     if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
         raise UpstreamError(log=f"Tiki's {what} answer has malformed scopes.")
     return TikiTokens(access, refresh, expires_in, tuple(scopes))
+
+
+def _refresh_token_in(payload: object) -> str | None:
+    data = payload.get("data") if isinstance(payload, dict) else None
+    token = data.get("refresh_token") if isinstance(data, dict) else None
+    return token if _is_token(token) else None
 
 
 def _is_token(value: object) -> TypeGuard[str]:

@@ -310,9 +310,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _access(self, secret: str, version: str) -> dict[str, Any]:
         store = self.server.store
         fault = store.take_fault()
-        if fault and fault.delay_ms:
-            time.sleep(fault.delay_ms / 1000)
-        full_name, data = store.access(secret, version)
+        try:
+            # Counted on arrival, so a slow call is never counted late.
+            full_name, data = store.access(secret, version)
+        finally:
+            if fault and fault.delay_ms:
+                time.sleep(fault.delay_ms / 1000)
         if fault and fault.status:
             raise StubError(fault.status, "Injected fault from the local stand-in.")
         checksum = crc32c(data)

@@ -613,7 +613,8 @@ def test_exchange_unusable_secret_version_is_503_naming_the_resource(
         pytest.param({"expires_in": -1}, id="expires-in-negative"),
         pytest.param({"expires_in": "3600"}, id="expires-in-text"),
         pytest.param({"expires_in": 3600.5}, id="expires-in-float"),
-        pytest.param({"scopes": "offline"}, id="scopes-not-a-list"),
+        pytest.param({"scopes": ["offline", 1]}, id="scopes-not-text"),
+        pytest.param({"scopes": 42}, id="scopes-a-number"),
         pytest.param({"refresh_token": 42}, id="refresh-token-not-text"),
     ],
 )
@@ -646,3 +647,71 @@ def test_wrong_method_with_bad_configuration_is_still_405(api: Api, monkeypatch)
     response = api.call("lookup_user", method="PUT")
 
     assert_error(response, 405, "method_not_allowed")
+
+
+def test_exchange_tiki_deeply_nested_answer_is_502(api: Api, simulator: Sim):
+    simulator.fault(
+        endpoint="token", raw_body="[" * 100000, content_type="application/json"
+    )
+
+    response = api.exchange(simulator.code(1))
+
+    assert_error(response, 502, "upstream_error")
+    assert_nothing_stored()
+
+
+@pytest.fixture
+def dripping_headers() -> Iterator[str]:
+    """Base URL of a local server that sends one header line every 0.3 s, forever."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn, contextlib.suppress(OSError):
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                while not stop.wait(0.3):
+                    conn.sendall(b"X-Slow: 1\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/tiniapp-open-api"
+    stop.set()
+    thread.join(timeout=5)
+    listener.close()
+
+
+def test_exchange_tiki_dripping_headers_is_504_within_the_total(
+    api: Api, simulator: Sim, monkeypatch, dripping_headers
+):
+    monkeypatch.setenv("TIKI_BASE_URL", dripping_headers)
+    monkeypatch.setenv("TIKI_CONNECT_TIMEOUT_SECONDS", "0.5")
+    monkeypatch.setenv("TIKI_READ_TIMEOUT_SECONDS", "1")
+    started = time.monotonic()
+
+    response = api.exchange(simulator.code(1))
+
+    assert_error(response, 504, "upstream_timeout")
+    assert time.monotonic() - started < 2.2 + 1.0  # 2 x 0.5 + 0.2 + 1, and slack
+    assert_nothing_stored()
+
+
+def test_exchange_current_secret_missing_once_recovers_at_once(
+    api: Api, simulator: Sim, stub, monkeypatch
+):
+    monkeypatch.setenv("SECRET_CACHE_SECONDS", "300")
+    stub.set_faults(times=1, status=404)
+
+    failed = api.exchange(simulator.code(1))
+    recovered = api.exchange(simulator.code(1))
+
+    assert_error(failed, 503, "unavailable")
+    assert recovered.status == 200, recovered.body

@@ -355,12 +355,24 @@ def test_refresh_window_is_configurable(
     assert (refreshed.status, refreshed.reason) == expected
 
 
-def test_delete_with_expired_session_is_refused_and_keeps_data(api: Api, backend):
+def test_delete_with_expired_but_refreshable_session_erases(api: Api, backend):
     expired = _expired(session_of(api.login(1)), seconds_ago=60)
 
     answer = api.delete(expired)
 
-    assert (answer.status, answer.reason) == (401, "unauthenticated")
+    assert answer.status == 200, answer.body
+    assert not _doc(backend, "tiki_users", "1").exists
+    assert not _doc(backend, "tiki_tokens", "1").exists
+
+
+def test_delete_with_session_expired_past_window_is_refused_and_keeps_data(
+    api: Api, backend
+):
+    expired = _expired(session_of(api.login(1)), seconds_ago=7 * DAY + 60)
+
+    answer = api.delete(expired)
+
+    assert (answer.status, answer.reason) == (401, "reauth_required")
     assert _doc(backend, "tiki_users", "1").exists
     assert _doc(backend, "tiki_tokens", "1").exists
 
@@ -519,8 +531,7 @@ def test_session_key_rotation_reaches_instance_within_cache_life(
 
 
 @pytest.mark.parametrize(
-    "kid",
-    ["abc", "3", "999999999", "latest", "-1", "1.0", " 1", "", "1/2", "01", 1, None],
+    "kid", ["abc", "latest", "-1", "1.0", " 1", "", "1/2", "01", 1, None]
 )
 def test_session_key_id_not_a_known_version_is_refused_without_lookup(
     api: Api, stub, kid: Any
@@ -535,6 +546,40 @@ def test_session_key_id_not_a_known_version_is_refused_without_lookup(
 
     assert (answer.status, answer.reason) == (401, "unauthenticated")
     assert stub.stats()["access_calls"] == calls_before
+
+
+@pytest.mark.parametrize("kid", ["3", "999999999"])
+def test_session_key_id_newer_than_any_version_costs_one_reload_per_second(
+    api: Api, stub, kid: str
+):
+    real = session_of(api.login(1))
+    _rotate_session_secret(stub)
+    assert api.lookup(real).status == 200
+    before = dict(stub.stats()["by_name"])
+    forged = _mint(real, kid=kid)
+
+    answers = [api.lookup(forged) for _ in range(5)]
+
+    after = stub.stats()["by_name"]
+    asked = {name: n - before.get(name, 0) for name, n in after.items()}
+    asked = {name: n for name, n in asked.items() if n}
+    assert {(a.status, a.reason) for a in answers} == {(401, "unauthenticated")}
+    assert asked in ({}, {f"{SESSION_SECRET_NAME}/versions/latest": 1})
+
+
+def test_session_signed_with_a_version_this_instance_has_not_seen_works(api: Api, stub):
+    real = session_of(api.login(1))  # this instance now caches version 1
+    stub.add_version(SESSION_SECRET_NAME, NEW_SESSION_SECRET)
+    key = keys.derive(NEW_SESSION_SECRET, keys.SESSION_SIGNING)
+    claims = jwt.decode(real, options={"verify_signature": False})
+    from_other_instance = jwt.encode(claims, key, "HS256", headers={"kid": "2"})
+
+    looked_up = api.lookup(from_other_instance)
+    refreshed = api.refresh(from_other_instance)
+
+    assert looked_up.status == 200, looked_up.body
+    assert refreshed.status == 200, refreshed.body
+    assert _kid(session_of(refreshed)) == "2"
 
 
 def test_session_key_id_of_another_version_does_not_verify(api: Api, stub):
@@ -733,3 +778,80 @@ def test_refresh_parallel_callers_share_a_failed_tiki_call(
     assert all(a.status_code in (502, 503) for a in answers), [a.text for a in answers]
     assert simulator.stats()["calls"]["refresh"] == 1
     assert elapsed < 5
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        pytest.param({"data_remove": ["access_token"]}, id="no-access-token"),
+        pytest.param({"data_override": {"expires_in": -5}}, id="bad-expires-in"),
+        pytest.param({"status": 500}, id="success-data-with-500"),
+    ],
+)
+def test_refresh_unusable_answer_keeps_the_rotated_refresh_token(
+    api: Api, simulator: Sim, fault: dict[str, Any]
+):
+    token = _due_session(api, simulator)
+    if fault.get("status") == 500:
+        # A success envelope sent with HTTP 500: the real handler's data, bad status.
+        fault = {"data_override": {}, "status": 500}
+    simulator.fault(endpoint="refresh", **fault)
+
+    failed = api.refresh(token)
+    retried = api.refresh(token)
+
+    assert (failed.status, failed.reason) == (502, "upstream_error")
+    assert retried.status == 200, retried.body
+    stats = simulator.stats()
+    assert stats["refresh_success"] == 2
+    assert stats["refresh_reuse_refused"] == 0
+
+
+def test_refresh_answers_401_when_logout_lands_during_the_tiki_call(
+    api: Api, simulator: Sim
+):
+    token = _due_session(api, simulator)
+    simulator.fault(endpoint="refresh", delay_ms=1500)
+    results: dict[str, Any] = {}
+
+    def refresh_in_background() -> None:
+        results["refresh"] = api.refresh(token)
+
+    worker = threading.Thread(target=refresh_in_background)
+    worker.start()
+    time.sleep(0.5)
+    revoked = api.revoke(token)
+    worker.join()
+
+    assert revoked.status == 200, revoked.body
+    assert (results["refresh"].status, results["refresh"].reason) == (
+        401,
+        "reauth_required",
+    )
+
+
+def test_refresh_write_rides_out_a_brief_firestore_outage(
+    api: Api, simulator: Sim, monkeypatch
+):
+    from google.api_core import exceptions as gexc
+    from google.cloud.firestore_v1.document import DocumentReference
+
+    token = _due_session(api, simulator)
+    real_update = DocumentReference.update
+    failures = {"left": 2}
+
+    def flaky_update(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if "sealed" in args[0] and failures["left"]:
+            failures["left"] -= 1
+            raise gexc.ServiceUnavailable("Firestore is briefly unreachable")
+        return real_update(self, *args, **kwargs)
+
+    monkeypatch.setattr(DocumentReference, "update", flaky_update)
+
+    refreshed = api.refresh(token)
+    again = api.refresh(session_of(refreshed))
+
+    assert refreshed.status == 200, refreshed.body
+    assert failures["left"] == 0
+    assert again.status == 200
+    assert simulator.stats()["refresh_reuse_refused"] == 0

@@ -286,10 +286,10 @@ REFUSED: dict[str, Forger] = {
 }
 
 # A session that expired moments ago is what refresh_auth_token exists to renew
-# (SESSION_REFRESH_WINDOW_SECONDS), and what revoke_sessions must still be able
-# to end, so expiry alone is not refused by those two.
+# (SESSION_REFRESH_WINDOW_SECONDS), and what revoke_sessions and delete_user
+# must still be able to act on, so expiry alone is not refused by those.
 EXPIRY_CASES = {"expired_60s", "expired_10s"}
-RENEWABLE_TARGETS = {"refresh_auth_token", "revoke_sessions"}
+RENEWABLE_TARGETS = {"refresh_auth_token", "revoke_sessions", "delete_user"}
 
 MATRIX = [
     pytest.param(target, name, id=f"{target}-{name}")
