@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -303,6 +304,26 @@ def api(simulator: Sim) -> Api:
 
 def session_of(response: Response) -> str:
     return str(response.data["session_token"])
+
+
+def login_due_for_refresh(api: Api, simulator: Sim, customer_id: int = 1) -> str:
+    """A session whose stored Tiki access token is already due for refresh."""
+    simulator.config(access_ttl=1)
+    token = session_of(api.login(customer_id))
+    simulator.config(access_ttl=3600)
+    return token
+
+
+def break_secret_manager_after(stub: Any, seconds: float) -> threading.Thread:
+    """A started thread that makes the secret stand-in fail after ``seconds``."""
+
+    def run() -> None:
+        time.sleep(seconds)
+        stub.set_faults(times=50, status=503)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
 
 
 def assert_error(response: Response, status: int, reason: str) -> None:

@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -47,15 +47,21 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture
-def silent_host() -> Iterator[str]:
-    """``host:port`` of a local server that accepts connections and never answers."""
+@contextlib.contextmanager
+def raw_server(
+    handle: Callable[[socket.socket, threading.Event], None],
+) -> Iterator[int]:
+    """A local TCP server that gives each connection to ``handle``; yields its port.
+
+    ``handle`` runs on the accept thread and should return soon after the event
+    is set; connections are closed when the server stops.
+    """
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.1)
-    held: list[socket.socket] = []
     stop = threading.Event()
+    held: list[socket.socket] = []
 
-    def hold() -> None:
+    def accept() -> None:
         while not stop.is_set():
             try:
                 conn, _ = listener.accept()
@@ -64,15 +70,26 @@ def silent_host() -> Iterator[str]:
             except OSError:
                 return
             held.append(conn)
+            with contextlib.suppress(OSError):
+                handle(conn, stop)
 
-    thread = threading.Thread(target=hold, daemon=True)
+    thread = threading.Thread(target=accept, daemon=True)
     thread.start()
-    yield f"127.0.0.1:{listener.getsockname()[1]}"
-    stop.set()
-    thread.join(timeout=5)
-    for conn in held:
-        conn.close()
-    listener.close()
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
+@pytest.fixture
+def silent_host() -> Iterator[str]:
+    """``host:port`` of a local server that accepts connections and never answers."""
+    with raw_server(lambda conn, stop: None) as port:
+        yield f"127.0.0.1:{port}"
 
 
 def documents(collection: str) -> dict[str, Any]:
@@ -218,35 +235,18 @@ def test_exchange_tiki_timeout_is_504_and_the_code_is_sent_once(
 @pytest.fixture
 def dripping_tiki() -> Iterator[str]:
     """Base URL of a local server that answers at once, then drips its body."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.1)
-    stop = threading.Event()
     body = b'{"data": null, "error": {"code": 400, "reason": "invalid_code"}}'
 
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
+    def drip(conn: socket.socket, stop: threading.Event) -> None:
+        conn.recv(65536)
+        conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        for byte in body:
+            if stop.wait(0.2):
                 return
-            with conn:
-                conn.recv(65536)
-                head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n"
-                with contextlib.suppress(OSError):
-                    conn.sendall(head.encode())
-                    for byte in body:
-                        if stop.wait(0.2):
-                            return
-                        conn.sendall(bytes([byte]))
+            conn.sendall(bytes([byte]))
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}/tiniapp-open-api"
-    stop.set()
-    thread.join(timeout=5)
-    listener.close()
+    with raw_server(drip) as port:
+        yield f"http://127.0.0.1:{port}/tiniapp-open-api"
 
 
 def test_exchange_tiki_dripping_its_answer_is_504_near_the_timeout(
@@ -663,30 +663,15 @@ def test_exchange_tiki_deeply_nested_answer_is_502(api: Api, simulator: Sim):
 @pytest.fixture
 def dripping_headers() -> Iterator[str]:
     """Base URL of a local server that sends one header line every 0.3 s, forever."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.1)
-    stop = threading.Event()
 
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn, contextlib.suppress(OSError):
-                conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 200 OK\r\n")
-                while not stop.wait(0.3):
-                    conn.sendall(b"X-Slow: 1\r\n")
+    def drip(conn: socket.socket, stop: threading.Event) -> None:
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\n")
+        while not stop.wait(0.3):
+            conn.sendall(b"X-Slow: 1\r\n")
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}/tiniapp-open-api"
-    stop.set()
-    thread.join(timeout=5)
-    listener.close()
+    with raw_server(drip) as port:
+        yield f"http://127.0.0.1:{port}/tiniapp-open-api"
 
 
 def test_exchange_tiki_dripping_headers_is_504_within_the_total(

@@ -34,6 +34,8 @@ from conftest import (
     Api,
     Response,
     Sim,
+    break_secret_manager_after,
+    login_due_for_refresh,
     session_of,
     start_instance,
 )
@@ -711,26 +713,14 @@ def test_client_secret_rotated_at_tiki_only_is_502_and_keeps_the_code(
 # --- failures around a refresh -------------------------------------------------------
 
 
-def _due_session(api: Api, simulator: Sim) -> str:
-    simulator.config(access_ttl=1)
-    token = session_of(api.login(1))
-    simulator.config(access_ttl=3600)
-    return token
-
-
 def test_refresh_secret_manager_failing_during_tiki_call_keeps_rotated_token(
     api: Api, simulator: Sim, stub, monkeypatch
 ):
     monkeypatch.setenv("SECRET_CACHE_SECONDS", "1")
-    token = _due_session(api, simulator)
+    token = login_due_for_refresh(api, simulator)
     simulator.fault(endpoint="refresh", delay_ms=1500)
 
-    def break_secret_manager_midway() -> None:
-        time.sleep(0.5)
-        stub.set_faults(times=50, status=503)
-
-    breaker = threading.Thread(target=break_secret_manager_midway)
-    breaker.start()
+    breaker = break_secret_manager_after(stub, 0.5)
     first = api.refresh(token)
     breaker.join()
     stub.clear_faults()
@@ -749,12 +739,7 @@ def test_exchange_secret_cache_expiring_during_tiki_call_still_answers(
     monkeypatch.setenv("SECRET_CACHE_SECONDS", "1")
     simulator.fault(endpoint="token", delay_ms=1500)
 
-    def break_secret_manager_midway() -> None:
-        time.sleep(0.5)
-        stub.set_faults(times=50, status=503)
-
-    breaker = threading.Thread(target=break_secret_manager_midway)
-    breaker.start()
+    breaker = break_secret_manager_after(stub, 0.5)
     answer = api.exchange(simulator.code(1))
     breaker.join()
     stub.clear_faults()
@@ -767,7 +752,7 @@ def test_refresh_parallel_callers_share_a_failed_tiki_call(
     api: Api, simulator: Sim, instances
 ):
     urls = instances()
-    token = _due_session(api, simulator)
+    token = login_due_for_refresh(api, simulator)
     _warm(urls, token)
     simulator.fault(endpoint="refresh", status=500, delay_ms=1000, times=10)
     started = time.monotonic()
@@ -791,7 +776,7 @@ def test_refresh_parallel_callers_share_a_failed_tiki_call(
 def test_refresh_unusable_answer_keeps_the_rotated_refresh_token(
     api: Api, simulator: Sim, fault: dict[str, Any]
 ):
-    token = _due_session(api, simulator)
+    token = login_due_for_refresh(api, simulator)
     if fault.get("status") == 500:
         # A success envelope sent with HTTP 500: the real handler's data, bad status.
         fault = {"data_override": {}, "status": 500}
@@ -810,7 +795,7 @@ def test_refresh_unusable_answer_keeps_the_rotated_refresh_token(
 def test_refresh_answers_401_when_logout_lands_during_the_tiki_call(
     api: Api, simulator: Sim
 ):
-    token = _due_session(api, simulator)
+    token = login_due_for_refresh(api, simulator)
     simulator.fault(endpoint="refresh", delay_ms=1500)
     results: dict[str, Any] = {}
 
@@ -836,7 +821,7 @@ def test_refresh_write_rides_out_a_brief_firestore_outage(
     from google.api_core import exceptions as gexc
     from google.cloud.firestore_v1.document import DocumentReference
 
-    token = _due_session(api, simulator)
+    token = login_due_for_refresh(api, simulator)
     real_update = DocumentReference.update
     failures = {"left": 2}
 

@@ -24,7 +24,7 @@ from conftest import (
     Api,
     Sim,
     backend_environment,
-    session_of,
+    login_due_for_refresh,
     start_instance,
 )
 from google.cloud import firestore
@@ -114,14 +114,6 @@ def ids(collection: str) -> list[str]:
         return [snap.id for snap in db.collection(collection).stream()]
     finally:
         db.close()
-
-
-def login_due_for_refresh(api: Api, simulator: Sim) -> str:
-    """A session whose stored Tiki access token is already due for refresh."""
-    simulator.config(access_ttl=1)
-    token = session_of(api.login(1))
-    simulator.config(access_ttl=3600)
-    return token
 
 
 def test_exchange_ten_parallel_logins_make_one_record(
