@@ -230,7 +230,11 @@ def _access(settings: Settings, name: str) -> Secret:
     _check_crc(payload, name)
     version = response.name.rsplit("/", 1)[-1]
     if not version.isdigit():
-        raise Unavailable(log=f"Secret Manager answered {name} without a version.")
+        # Secret Manager always names the version it served; a stand-in that
+        # does not is taken to serve the version asked for (or the first).
+        requested = name.rsplit("/", 1)[-1]
+        version = requested if requested.isdigit() else "1"
+        log.warning(f"Secret Manager answered {name} without its version number.")
     return Secret(_clean(payload.data, name), version)
 
 

@@ -629,8 +629,18 @@ def test_exchange_tiki_success_with_unusable_fields_is_502(
     assert_nothing_stored()
 
 
-def test_exchange_tiki_body_without_error_member_is_502(api: Api, simulator: Sim):
-    body = {"data": {"access_token": "a", "expires_in": 10, "customer": {"id": 5}}}
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param({"error": None}, id="no-data"),
+        pytest.param({"data": None, "error": None}, id="null-data"),
+        pytest.param({"data": [], "error": None}, id="list-data"),
+        pytest.param({"result": {"access_token": "a"}}, id="not-an-envelope"),
+    ],
+)
+def test_exchange_tiki_body_without_usable_data_is_502(
+    api: Api, simulator: Sim, body: dict[str, Any]
+):
     simulator.fault(
         endpoint="token", raw_body=json.dumps(body), content_type="application/json"
     )
