@@ -39,8 +39,12 @@ class InvalidCode(AuthError):
 class Unauthenticated(AuthError):
     status, reason = 401, "unauthenticated"
     message = "A valid session token is required."
+    # RFC 6750 section 3.1: no error code when no token was sent at all.
+    token_sent = True
 
     def headers(self) -> dict[str, str]:
+        if not self.token_sent:
+            return {"WWW-Authenticate": "Bearer"}
         return {"WWW-Authenticate": 'Bearer error="invalid_token"'}
 
 
@@ -96,6 +100,8 @@ class Unavailable(AuthError):
 class UpstreamTimeout(AuthError):
     status, reason, message = 504, "upstream_timeout", "Tiki did not answer in time."
     retryable = True
+    # True when the abandoned call may still reach Tiki and be answered.
+    may_complete = False
 
 
 class Internal(AuthError):

@@ -10,7 +10,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from auth import log, sessions, store, vault
 from auth.config import Settings
-from auth.errors import InvalidCode, ReauthRequired, Unavailable, UpstreamError
+from auth.errors import (
+    InvalidCode,
+    ReauthRequired,
+    Unavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from auth.secrets import Secret, client_secret, session_secret, session_secret_version
 from auth.store import StoredTokens, UserRecord
 
@@ -138,7 +144,8 @@ def _reseal_if_old(
     if not newer or stored.lease_owner is not None:
         return
     resealed = _sealed_values(current, key, tokens, stored, stored.expires_at)
-    if store.store_refreshed(settings, key, stored, resealed):
+    # Opportunistic: one try, and a failure costs nothing but the next try.
+    if store.write_if_unchanged(settings, key, stored, resealed):
         log.info(
             "Stored Tiki tokens sealed under the newest key.", key_id=current.version
         )
@@ -180,26 +187,44 @@ def _refresh_once(
             # Released without new tokens: that refresh failed (Tiki down or
             # slow). A lease that merely lapsed (a crash) is taken over below.
             raise Unavailable(log="Another instance's token refresh just failed.")
-        # A logout or erasure may have happened while we waited.
+        # A logout or erasure may have happened while we waited. Everything
+        # that can fail without Tiki is done before the lease is taken.
         _current_user(settings, session)
+        old = _open(settings, key, stored)
+        client_secret(settings)
         leased = store.take_lease(settings, key, stored, owner, lease)
         if leased is None:
             continue  # someone else wrote first; look again
-        access = _refresh_leased(settings, current, key, leased)
+        access = _refresh_leased(settings, current, key, leased, old)
         if access is not None:
             return access
+    last = store.get_tokens(settings, key)
+    if last is not None and last.sealed != first.sealed and not _expired(last):
+        return _open(settings, key, last)["access_token"]
     raise Unavailable(log="Gave up waiting for another instance's token refresh.")
 
 
 def _refresh_leased(
-    settings: Settings, current: Secret, key: str, leased: StoredTokens
+    settings: Settings,
+    current: Secret,
+    key: str,
+    leased: StoredTokens,
+    old: dict[str, str],
 ) -> str | None:
     from auth.tiki import RotatedButUnusable
 
-    old = _open(settings, key, leased)
+    def late(tokens: TikiTokens) -> None:
+        # Tiki answered after we gave up: store what it sent, unless anything
+        # was written since our lease (the write is guarded like the others).
+        sealed = _sealed(current, key, tokens, old["refresh_token"])
+        if store.store_refreshed(settings, key, leased, sealed):
+            log.info("Stored a late Tiki refresh answer.", customer=key)
+
     try:
         fresh = _with_client_secret(
-            settings, "refresh", lambda tiki: tiki.refresh(old["refresh_token"])
+            settings,
+            "refresh",
+            lambda tiki: tiki.refresh(old["refresh_token"], late=late),
         )
     except ReauthRequired:
         if not store.drop_tokens(settings, key, leased):
@@ -213,6 +238,13 @@ def _refresh_leased(
         store.store_refreshed(
             settings, key, leased, _sealed_values(current, key, kept, leased, _now())
         )
+        raise
+    except UpstreamTimeout as exc:
+        # While Tiki may still answer (and rotate), nobody else may refresh
+        # with the old token: keep the lease until that answer is stored or
+        # the lease lapses.
+        if not exc.may_complete:
+            store.release_lease(settings, key, leased)
         raise
     except Exception:
         store.release_lease(settings, key, leased)
@@ -249,8 +281,10 @@ def _with_client_secret(
         except TikiRefused as exc:
             log.bind(tiki_request_id=exc.request_id)
             if exc.tiki_reason == "invalid_signature":
-                reloaded = client_secret(settings, refused=secret)
-                if attempt == 1 and reloaded != secret:
+                reloaded = (
+                    client_secret(settings, refused=secret) if attempt == 1 else secret
+                )
+                if reloaded != secret:
                     log.warning(
                         f"Tiki refused the {what} signature; retrying "
                         "with the rotated client secret."
@@ -285,10 +319,13 @@ def _due(settings: Settings, stored: StoredTokens) -> bool:
 
 
 def _lease_seconds(settings: Settings) -> float:
+    from auth.secrets import ACCESS_TIMEOUT_SECONDS
     from auth.tiki import total_seconds
 
-    # Two whole Tiki calls (a signature refusal is retried once) and a margin.
-    return 2 * total_seconds(settings) + LEASE_MARGIN_SECONDS
+    # Two whole Tiki calls (a signature refusal is retried once), the client
+    # secret's reload between them, and a margin.
+    tiki = 2 * total_seconds(settings) + ACCESS_TIMEOUT_SECONDS
+    return tiki + LEASE_MARGIN_SECONDS
 
 
 def _now() -> dt.datetime:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from auth import log
@@ -31,7 +31,7 @@ _RESOURCE = re.compile(r"(projects/[^/]+/secrets/[^/]+)/versions/([^/]+)")
 
 @dataclass(frozen=True)
 class Secret:
-    value: str
+    value: str = field(repr=False)
     # The Secret Manager version number that holds it (the key id), as text.
     version: str
 
@@ -213,7 +213,11 @@ def _access(settings: Settings, name: str) -> Secret:
     # A disabled or destroyed version is FAILED_PRECONDITION over gRPC; over REST
     # the client raises it as a plain BadRequest (HTTP 400), its base class.
     except (gexc.NotFound, gexc.BadRequest) as exc:
-        state = "missing" if isinstance(exc, gexc.NotFound) else "disabled or destroyed"
+        state = (
+            "missing"
+            if isinstance(exc, gexc.NotFound)
+            else "disabled, destroyed or not a valid name"
+        )
         log.warning(f"Secret Manager: {name} is {state}.", resource=name)
         raise VersionUnusable(state) from exc
     # Over REST these arrive as their base classes Forbidden and Unauthorized.

@@ -20,7 +20,7 @@ from typing import Any
 
 from auth import log
 from auth.config import Settings
-from auth.errors import ReauthRequired, Unavailable
+from auth.errors import Internal, ReauthRequired, Unavailable
 
 USERS = "tiki_users"
 TOKENS = "tiki_tokens"
@@ -158,6 +158,18 @@ def store_refreshed(
             time.sleep(WRITE_RETRY_PAUSE)
 
 
+def write_if_unchanged(
+    settings: Settings, key: str, seen: StoredTokens, tokens: dict[str, Any]
+) -> bool:
+    """One guarded write of tokens; False if they changed or Firestore failed."""
+    fields = _token_fields(None, tokens)
+    del fields["customer_id"]
+    try:
+        return _write_if_unchanged(settings, key, seen.update_time, fields) is not None
+    except Unavailable:
+        return False
+
+
 def release_lease(settings: Settings, key: str, leased: StoredTokens) -> None:
     with contextlib.suppress(Unavailable):
         _write_if_unchanged(
@@ -279,12 +291,18 @@ def _guard(settings: Settings, what: str) -> Iterator[None]:
     """Firestore failures become 503; precondition answers pass through."""
     from google.api_core import exceptions as gexc
 
+    client = _client
     try:
         yield
     except (gexc.FailedPrecondition, gexc.NotFound):
         raise
+    except (gexc.PermissionDenied, gexc.Unauthenticated) as exc:
+        raise Internal(
+            log=f"Firestore refused access while {what}: grant the function's "
+            "service account roles/datastore.user."
+        ) from exc
     except Exception as exc:
-        _drop_client()
+        _drop_client(client)
         log.warning(f"Firestore failed while {what}.", error=type(exc).__name__)
         raise Unavailable(log=f"Firestore failed while {what}.") from exc
 
@@ -307,15 +325,15 @@ def _db(settings: Settings) -> Any:
         return _client
 
 
-def _drop_client() -> None:
+def _drop_client(failed: Any) -> None:
     # A gRPC channel that failed backs off for seconds to minutes before trying
-    # again; a new client reconnects at once when Firestore is back.
+    # again; a new client reconnects at once when Firestore is back. The old
+    # one is not closed (other threads may be mid-call on it), only forgotten,
+    # and only if no other thread has replaced it already.
     global _client
     with _client_lock:
-        old, _client = _client, None
-    if old is not None:
-        with contextlib.suppress(Exception):
-            old.close()
+        if _client is failed:
+            _client = None
 
 
 def _now() -> dt.datetime:

@@ -11,8 +11,10 @@ import concurrent.futures
 import contextvars
 import json
 import re
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeGuard
 
 import requests
@@ -39,6 +41,7 @@ MAX_CONCURRENT_CALLS = 32
 
 _session: requests.Session | None = None
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
+_create_lock = threading.Lock()
 
 
 class TikiRefused(UpstreamError):
@@ -52,8 +55,8 @@ class TikiRefused(UpstreamError):
 
 @dataclass(frozen=True)
 class TikiTokens:
-    access_token: str
-    refresh_token: str | None
+    access_token: str = field(repr=False)
+    refresh_token: str | None = field(repr=False)
     expires_in: int
     scopes: tuple[str, ...]
 
@@ -117,9 +120,27 @@ class TikiClient:
             raise UpstreamError(log="Tiki's exchange answer has a non-text name.")
         return _tokens(data, "exchange"), TikiCustomer(customer["id"], name)
 
-    def refresh(self, refresh_token: str) -> TikiTokens:
+    def refresh(
+        self,
+        refresh_token: str,
+        late: Callable[[TikiTokens], None] | None = None,
+    ) -> TikiTokens:
+        """New tokens for ``refresh_token``.
+
+        ``late`` receives the tokens if the call is abandoned at its deadline
+        and Tiki answers after all: Tiki may have rotated the refresh token,
+        and that answer is then the only copy of the new one.
+        """
+
+        def arrived(payload: object, status: int) -> None:
+            if late is not None:
+                late(_tokens(_unwrap(payload, status, "refresh"), "refresh"))
+
         payload, status = self._call(
-            "/oauth/auth/token/refresh", {"refresh_token": refresh_token}, "refresh"
+            "/oauth/auth/token/refresh",
+            {"refresh_token": refresh_token},
+            "refresh",
+            arrived,
         )
         try:
             return _tokens(_unwrap(payload, status, "refresh"), "refresh")
@@ -140,7 +161,13 @@ class TikiClient:
             data["customer_id"], name if isinstance(name, str) else None
         )
 
-    def _call(self, path: str, body: dict[str, str], what: str) -> tuple[object, int]:
+    def _call(
+        self,
+        path: str,
+        body: dict[str, str],
+        what: str,
+        late: Callable[[object, int], None] | None = None,
+    ) -> tuple[object, int]:
         """The parsed answer and its HTTP status, within ``total_seconds``.
 
         requests' timeouts bound each socket read, not the whole answer: a Tiki
@@ -154,9 +181,13 @@ class TikiClient:
         try:
             return future.result(timeout=deadline)
         except concurrent.futures.TimeoutError:
-            raise UpstreamTimeout(
-                log=f"Tiki {what}: no whole answer in time."
-            ) from None
+            pass
+        timeout = UpstreamTimeout(log=f"Tiki {what}: no whole answer in time.")
+        if not future.cancel():  # already under way: Tiki may still answer
+            timeout.may_complete = True
+            if late is not None:
+                future.add_done_callback(lambda done: _deliver_late(done, late, what))
+        raise timeout
 
     def _round_trip(
         self, path: str, body: dict[str, str], what: str
@@ -182,8 +213,15 @@ class TikiClient:
             headers = signing.headers(self._settings.client_id, self._secret, content)
             headers["Content-Type"] = "application/json"
             try:
+                # Never follow a redirect: it would carry the code and a valid
+                # signature to whatever address the Location header names.
                 return _http().post(
-                    url, data=raw, headers=headers, timeout=timeout, stream=True
+                    url,
+                    data=raw,
+                    headers=headers,
+                    timeout=timeout,
+                    stream=True,
+                    allow_redirects=False,
                 )
             except requests.exceptions.ConnectTimeout as exc:
                 failure: Exception = exc
@@ -210,21 +248,36 @@ class TikiClient:
         ) from failure
 
 
+def _deliver_late(
+    done: concurrent.futures.Future[tuple[object, int]],
+    late: Callable[[object, int], None],
+    what: str,
+) -> None:
+    try:
+        late(*done.result())
+    except Exception as exc:  # noqa: BLE001 - nobody is waiting to hear of it
+        log.info(
+            f"Tiki {what}: the late answer was not usable.", error=type(exc).__name__
+        )
+
+
 def _workers() -> concurrent.futures.ThreadPoolExecutor:
     global _pool
-    if _pool is None:
-        _pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=MAX_CONCURRENT_CALLS, thread_name_prefix="tiki"
-        )
-    return _pool
+    with _create_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=MAX_CONCURRENT_CALLS, thread_name_prefix="tiki"
+            )
+        return _pool
 
 
 def _http() -> requests.Session:
     global _session
-    if _session is None:
-        _session = requests.Session()
-        _session.trust_env = False
-    return _session
+    with _create_lock:
+        if _session is None:
+            _session = requests.Session()
+            _session.trust_env = False
+        return _session
 
 
 def _never_sent(exc: requests.exceptions.ConnectionError) -> bool:

@@ -38,8 +38,11 @@ def open_sealed(secret: Secret, customer_key: str, sealed: bytes) -> dict[str, s
         )
     except (InvalidTag, ValueError) as exc:
         raise Unsealable("stored tokens do not open with their key") from exc
-    tokens = json.loads(plaintext)
-    if not isinstance(tokens, dict):
+    try:
+        tokens = json.loads(plaintext)
+    except ValueError as exc:
+        raise Unsealable("stored tokens are malformed") from exc
+    if not isinstance(tokens, dict) or not isinstance(tokens.get("access_token"), str):
         raise Unsealable("stored tokens are malformed")
     return tokens
 

@@ -59,6 +59,7 @@ def serve(request: flask.Request, endpoint: Endpoint) -> flask.Response:
     headers: dict[str, str]
     try:
         if request.method == "OPTIONS":
+            _leave_unread_body(request)
             return _preflight(request, endpoint)
         if request.method not in endpoint.allow:
             raise MethodNotAllowed(endpoint.allow)
@@ -117,7 +118,11 @@ def code_from_body(request: flask.Request) -> str:
 def bearer_token(request: flask.Request) -> str:
     values = request.headers.getlist("Authorization")
     if not values:
-        raise Unauthenticated("Send the session as 'Authorization: Bearer <token>'.")
+        missing = Unauthenticated(
+            "Send the session as 'Authorization: Bearer <token>'."
+        )
+        missing.token_sent = False
+        raise missing
     match = _BEARER.fullmatch(values[0].strip()) if len(values) == 1 else None
     if match is None:
         raise Unauthenticated(
