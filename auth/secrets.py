@@ -210,9 +210,18 @@ def _access(settings: Settings, name: str) -> Secret:
         response = _secret_client(settings).access_secret_version(
             name=name, timeout=ACCESS_TIMEOUT_SECONDS, retry=None
         )
+    # Over REST PermissionDenied and Unauthenticated arrive as these bases.
+    except (gexc.Forbidden, gexc.Unauthorized) as exc:
+        raise Unavailable(
+            log=f"Secret Manager refused access to {name}: grant the function's "
+            "service account roles/secretmanager.secretAccessor on it."
+        ) from exc
     # A disabled or destroyed version is FAILED_PRECONDITION over gRPC; over REST
-    # the client raises it as a plain BadRequest (HTTP 400), its base class.
-    except (gexc.NotFound, gexc.BadRequest) as exc:
+    # the client raises it as a plain BadRequest (HTTP 400), its base class. Any
+    # other refusal of this one name (4xx but rate limits) is the same to us.
+    except gexc.ClientError as exc:
+        if isinstance(exc, gexc.TooManyRequests):
+            raise Unavailable(log=f"Secret Manager is rate-limiting {name}.") from exc
         state = (
             "missing"
             if isinstance(exc, gexc.NotFound)
@@ -220,12 +229,6 @@ def _access(settings: Settings, name: str) -> Secret:
         )
         log.warning(f"Secret Manager: {name} is {state}.", resource=name)
         raise VersionUnusable(state) from exc
-    # Over REST these arrive as their base classes Forbidden and Unauthorized.
-    except (gexc.Forbidden, gexc.Unauthorized) as exc:
-        raise Unavailable(
-            log=f"Secret Manager refused access to {name}: grant the function's "
-            "service account roles/secretmanager.secretAccessor on it."
-        ) from exc
     except Exception as exc:  # transport failures arrive in several types
         raise Unavailable(
             log=f"Secret Manager unreachable reading {name}: {type(exc).__name__}."

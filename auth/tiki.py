@@ -33,6 +33,8 @@ CONNECT_RETRY_PAUSE = 0.2
 _CUSTOMER_ID = re.compile(r"[1-9][0-9]{0,18}")
 _INT64_MAX = 2**63 - 1
 _MAX_TOKEN_CHARS = 8192
+# The reasons the backend acts on (SPEC Part 1); others are upstream faults.
+KNOWN_REASONS = frozenset({"invalid_code", "invalid_token", "invalid_signature"})
 # No token Tiki issues lives for years; a larger lifetime is a malformed answer.
 _MAX_EXPIRES_IN = 10 * 366 * 86400
 
@@ -318,15 +320,17 @@ def _unwrap(payload: object, status: int, what: str) -> dict[str, Any]:
             status, f"Tiki {what}: HTTP {status}, not a JSON envelope."
         )
     error, data = payload.get("error"), payload.get("data")
-    if status >= 500:
-        # Tiki's own "try later" (503, 504) stays retryable whatever the body.
+    reason = error.get("reason") if isinstance(error, dict) else None
+    if status >= 500 and reason not in KNOWN_REASONS:
+        # Tiki's own "try later" (503, 504) stays retryable; but a reason we
+        # act on is honoured whatever the status (Tiki's sample reads the body).
         _bad_status_or(status, f"Tiki {what}: HTTP {status}.")
     if error is not None:
-        if not isinstance(error, dict) or not isinstance(error.get("reason"), str):
+        if not isinstance(reason, str):
             return _bad_status_or(status, f"Tiki {what}: malformed error envelope.")
         metadata = payload.get("metadata") or error.get("metadata") or {}
         request_id = metadata.get("request_id") if isinstance(metadata, dict) else None
-        reason = error["reason"][:64]
+        reason = reason[:64]
         raise TikiRefused(
             reason,
             str(request_id)[:128] if request_id is not None else None,
@@ -351,8 +355,8 @@ def _bad_status_or(status: int, message: str) -> NoReturn:
 
 
 def _tokens(data: dict[str, Any], what: str) -> TikiTokens:
-    access, refresh = data.get("access_token"), data.get("refresh_token")
-    expires_in, scopes = data.get("expires_in"), data.get("scopes", [])
+    access, refresh = data.get("access_token"), data.get("refresh_token") or None
+    expires_in, scopes = _seconds(data.get("expires_in")), data.get("scopes") or []
     if isinstance(scopes, str):  # OAuth 2.0's own form: space-separated
         scopes = scopes.split()
     if not _is_token(access):
@@ -368,6 +372,15 @@ def _tokens(data: dict[str, Any], what: str) -> TikiTokens:
     if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
         raise UpstreamError(log=f"Tiki's {what} answer has malformed scopes.")
     return TikiTokens(access, refresh, expires_in, tuple(scopes))
+
+
+def _seconds(value: object) -> object:
+    """A lifetime as Tiki may spell it: 3600, "3600" or 3600.0 (else unchanged)."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _refresh_token_in(payload: object) -> str | None:

@@ -611,7 +611,7 @@ def test_exchange_unusable_secret_version_is_503_naming_the_resource(
     [
         pytest.param({"expires_in": 10**12}, id="expires-in-huge"),
         pytest.param({"expires_in": -1}, id="expires-in-negative"),
-        pytest.param({"expires_in": "3600"}, id="expires-in-text"),
+        pytest.param({"expires_in": "soon"}, id="expires-in-text"),
         pytest.param({"expires_in": 3600.5}, id="expires-in-float"),
         pytest.param({"scopes": ["offline", 1]}, id="scopes-not-text"),
         pytest.param({"scopes": 42}, id="scopes-a-number"),
@@ -710,3 +710,34 @@ def test_exchange_current_secret_missing_once_recovers_at_once(
 
     assert_error(failed, 503, "unavailable")
     assert recovered.status == 200, recovered.body
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        pytest.param({"expires_in": "3600"}, id="expires-in-digits"),
+        pytest.param({"expires_in": 3600.0}, id="expires-in-whole-float"),
+        pytest.param({"scopes": None}, id="scopes-null"),
+        pytest.param({"scopes": "offline user_profile"}, id="scopes-oauth-string"),
+        pytest.param({"refresh_token": ""}, id="refresh-token-empty"),
+    ],
+)
+def test_exchange_tiki_success_in_a_tolerable_spelling_logs_in(
+    api: Api, simulator: Sim, override
+):
+    simulator.fault(endpoint="token", data_override=override)
+
+    response = api.exchange(simulator.code(1))
+
+    assert response.status == 200, response.body
+    assert documents("tiki_users").keys() == {"1"}
+
+
+def test_exchange_invalid_code_inside_a_500_is_still_invalid_code(
+    api: Api, simulator: Sim
+):
+    simulator.fault(endpoint="token", status=500, error={"reason": "invalid_code"})
+
+    response = api.exchange(simulator.code(1))
+
+    assert_error(response, 400, "invalid_code")

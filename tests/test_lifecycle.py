@@ -840,3 +840,12 @@ def test_refresh_write_rides_out_a_brief_firestore_outage(
     assert failures["left"] == 0
     assert again.status == 200
     assert simulator.stats()["refresh_reuse_refused"] == 0
+
+
+def test_refresh_invalid_token_inside_a_500_is_reauth(api: Api, simulator: Sim):
+    token = login_due_for_refresh(api, simulator)
+    simulator.fault(endpoint="refresh", status=500, error={"reason": "invalid_token"})
+
+    refreshed = api.refresh(token)
+
+    assert (refreshed.status, refreshed.reason) == (401, "reauth_required")
