@@ -8,6 +8,7 @@ secret caches and the environment below; whatever it changes is restored.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -404,6 +405,44 @@ def start_instance(
             time.sleep(0.2)
     process.kill()
     raise RuntimeError(f"instance did not start; see {log_path}")
+
+
+@contextlib.contextmanager
+def raw_server(
+    handle: Callable[[socket.socket, threading.Event], None],
+) -> Iterator[int]:
+    """A local TCP server that gives each connection to ``handle``; yields its port.
+
+    ``handle`` runs on the accept thread and should return soon after the event
+    is set; connections are closed when the server stops.
+    """
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            held.append(conn)
+            with contextlib.suppress(OSError):
+                handle(conn, stop)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for conn in held:
+            conn.close()
+        listener.close()
 
 
 def free_port() -> int:

@@ -8,14 +8,13 @@ accepts and never answers. Every address is on 127.0.0.1.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -30,6 +29,7 @@ from conftest import (
     Api,
     Sim,
     assert_error,
+    raw_server,
     session_of,
 )
 from google.cloud import firestore
@@ -45,44 +45,6 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def raw_server(
-    handle: Callable[[socket.socket, threading.Event], None],
-) -> Iterator[int]:
-    """A local TCP server that gives each connection to ``handle``; yields its port.
-
-    ``handle`` runs on the accept thread and should return soon after the event
-    is set; connections are closed when the server stops.
-    """
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.1)
-    stop = threading.Event()
-    held: list[socket.socket] = []
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            held.append(conn)
-            with contextlib.suppress(OSError):
-                handle(conn, stop)
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield int(listener.getsockname()[1])
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        for conn in held:
-            conn.close()
-        listener.close()
 
 
 @pytest.fixture

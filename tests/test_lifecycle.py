@@ -15,6 +15,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,7 @@ from conftest import (
     Sim,
     break_secret_manager_after,
     login_due_for_refresh,
+    raw_server,
     session_of,
     start_instance,
 )
@@ -849,3 +851,57 @@ def test_refresh_invalid_token_inside_a_500_is_reauth(api: Api, simulator: Sim):
     refreshed = api.refresh(token)
 
     assert (refreshed.status, refreshed.reason) == (401, "reauth_required")
+
+
+def _slow_header_proxy(target: str) -> Callable[[socket.socket, threading.Event], None]:
+    """Forwards one request to ``target`` at once, then answers with slow headers."""
+
+    def handle(conn: socket.socket, stop: threading.Event) -> None:
+        raw = b""
+        while b"\r\n\r\n" not in raw:
+            raw += conn.recv(65536)
+        head, _, body = raw.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        while len(body) < int(headers["Content-Length"]):
+            body += conn.recv(65536)
+        path = lines[0].split(" ")[1]
+        passed = {k: v for k, v in headers.items() if k.lower().startswith("x-tiniapp")}
+        passed["Content-Type"] = "application/json"
+        answer = requests.post(target + path, data=body, headers=passed, timeout=5)
+        conn.sendall(b"HTTP/1.1 200 OK\r\n")
+        for _ in range(12):  # 3.6 s of headers: past the call's whole deadline
+            if stop.wait(0.3):
+                return
+            conn.sendall(b"X-Slow: 1\r\n")
+        length = len(answer.content)
+        conn.sendall(f"Content-Length: {length}\r\n\r\n".encode() + answer.content)
+
+    return handle
+
+
+def test_refresh_answer_arriving_after_the_deadline_is_stored(
+    api: Api, simulator: Sim, backend, monkeypatch
+):
+    token = login_due_for_refresh(api, simulator)
+    before = _doc(backend, "tiki_tokens", "1").to_dict()["sealed"]
+    base_path = urllib.parse.urlsplit(simulator.url).path
+    monkeypatch.setenv("TIKI_CONNECT_TIMEOUT_SECONDS", "0.5")
+    monkeypatch.setenv("TIKI_READ_TIMEOUT_SECONDS", "1")
+
+    with raw_server(_slow_header_proxy(simulator.admin)) as port:
+        monkeypatch.setenv("TIKI_BASE_URL", f"http://127.0.0.1:{port}{base_path}")
+        timed_out = api.refresh(token)
+        deadline = time.monotonic() + 5
+        while _doc(backend, "tiki_tokens", "1").to_dict()["sealed"] == before:
+            assert time.monotonic() < deadline, "the late answer was never stored"
+            time.sleep(0.1)
+    monkeypatch.setenv("TIKI_BASE_URL", simulator.url)
+    later = api.refresh(token)
+
+    assert (timed_out.status, timed_out.reason) == (504, "upstream_timeout")
+    assert later.status == 200, later.body
+    stats = simulator.stats()
+    assert stats["refresh_success"] == 1
+    assert stats["refresh_reuse_refused"] == 0
+    assert _doc(backend, "tiki_tokens", "1").to_dict()["lease_owner"] is None
