@@ -3,8 +3,9 @@
 Login bookkeeping uses server-side transforms (they never contend); the token
 refresh takes a short lease guarded by the document's update time, so that of
 many instances refreshing one customer exactly one calls Tiki, and a slow one
-never overwrites newer tokens. A user record and its tokens are written and
-deleted together in one batch, so neither exists without the other.
+never overwrites newer tokens. A login writes the user record and its tokens
+in one batch, and an erasure deletes both in one batch; a logout deletes the
+tokens alone, on purpose.
 """
 
 from __future__ import annotations
