@@ -44,6 +44,7 @@ class VersionUnusable(Exception):
 RELOAD_SECONDS = 1.0
 
 _cache: dict[tuple[str, str], tuple[float, Secret | None]] = {}
+_fetch_locks: dict[tuple[str, str], threading.Lock] = {}
 _last_reload = -RELOAD_SECONDS
 _lock = threading.Lock()
 _client: Any = None
@@ -168,18 +169,19 @@ def _cached(
     force: bool = False,
 ) -> Secret:
     key = (base, version)
-    now = time.monotonic()
-    with _lock:
-        hit = _cache.get(key)
-        usable = hit is not None and (
-            hit[1] != refused
-            if refused is not None
-            else now - hit[0] < settings.secret_cache_seconds
-        )
-        if hit and usable and not force:
-            if hit[1] is None:
-                raise VersionUnusable("not usable (cached answer)")
-            return hit[1]
+    asked_at = time.monotonic()
+    hit = _usable_hit(settings, key, refused, force, asked_at)
+    if hit is not None:
+        return hit
+    # One fetch per name at a time, and none under the global lock: a slow
+    # Secret Manager holds up only the requests that need that very secret.
+    with _fetch_lock(key):
+        # Another thread may have fetched it while we waited for the lock.
+        with _lock:
+            fetched = _cache.get(key)
+        if fetched and fetched[0] >= asked_at and fetched[1] is not None:
+            return fetched[1]
+        now = time.monotonic()
         try:
             secret = _access(settings, f"{base}/versions/{version}")
         except VersionUnusable:
@@ -196,7 +198,39 @@ def _cached(
         return secret
 
 
+def _usable_hit(
+    settings: Settings,
+    key: tuple[str, str],
+    refused: Secret | None,
+    force: bool,
+    now: float,
+) -> Secret | None:
+    with _lock:
+        hit = _cache.get(key)
+    if hit is None or force:
+        return None
+    if refused is not None:
+        usable = hit[1] != refused
+    else:
+        usable = now - hit[0] < settings.secret_cache_seconds
+    if not usable:
+        return None
+    if hit[1] is None:
+        raise VersionUnusable("not usable (cached answer)")
+    return hit[1]
+
+
+def _fetch_lock(key: tuple[str, str]) -> threading.Lock:
+    with _lock:
+        return _fetch_locks.setdefault(key, threading.Lock())
+
+
 def _remember(key: tuple[str, str], now: float, secret: Secret | None) -> None:
+    with _lock:
+        _remember_locked(key, now, secret)
+
+
+def _remember_locked(key: tuple[str, str], now: float, secret: Secret | None) -> None:
     if len(_cache) >= MAX_CACHED_VERSIONS and key not in _cache:
         oldest = min(_cache, key=lambda k: _cache[k][0])
         del _cache[oldest]
