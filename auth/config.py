@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from auth.errors import Internal
 
 PRODUCTION_BASE_URL = "https://api.tiki.vn/tiniapp-open-api"
-SANDBOX_BASE_URL = "https://api.tiki.vn/tiniapp-sandbox-open-api"
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}

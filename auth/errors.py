@@ -14,8 +14,6 @@ class AuthError(Exception):
     status = 500
     reason = "internal"
     message = "Internal error."
-    # Whether the same request may succeed later (drives 503 vs 502 upstream).
-    retryable = False
 
     def __init__(self, message: str | None = None, *, log: str | None = None) -> None:
         self.message = message or type(self).message
@@ -91,7 +89,6 @@ class Unavailable(AuthError):
 
     status, reason = 503, "unavailable"
     message = "A service the login depends on is unavailable; try again shortly."
-    retryable = True
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "1"}
@@ -99,7 +96,6 @@ class Unavailable(AuthError):
 
 class UpstreamTimeout(AuthError):
     status, reason, message = 504, "upstream_timeout", "Tiki did not answer in time."
-    retryable = True
     # True when the abandoned call may still reach Tiki and be answered.
     may_complete = False
 

@@ -44,7 +44,7 @@ def exchange(settings: Settings, code: str) -> dict[str, Any]:
         settings, "exchange", lambda tiki: tiki.exchange(code)
     )
     key = customer_key(customer.id)
-    log.bind(customer=key)
+    log.bind(customer=key)  # web.serve resets the log context after the request
     store.save_login(
         settings,
         key,

@@ -1,8 +1,8 @@
 """Tiki tokens sealed with AES-GCM before they reach Firestore.
 
 The customer's document id is the associated data, so a ciphertext copied to
-another customer's document does not open. Each sealed value names its key:
-the session-secret version it was derived from.
+another customer's document does not open. The document keeps, beside each
+sealed value, the id of its key: the session-secret version it came from.
 """
 
 from __future__ import annotations
