@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from auth import config, log
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     import flask
 
     from auth.config import Settings
+
+    Flow = Callable[[Settings, str], dict[str, Any]]
 
 # A login body is {"code": "..."}; nothing legitimate comes near this.
 MAX_BODY_BYTES = 16 * 1024
@@ -257,6 +260,10 @@ def _ms(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
 
 
+# auth.flows (and with it PyJWT, cryptography and, for two of them, requests)
+# is imported on a function's first call, so importing main stays cheap.
+
+
 def _exchange(settings: Settings, request: flask.Request) -> dict[str, Any]:
     code = code_from_body(request)
     from auth import flows
@@ -265,29 +272,23 @@ def _exchange(settings: Settings, request: flask.Request) -> dict[str, Any]:
 
 
 def _with_session(
-    flow: Callable[[Settings, str], dict[str, Any]],
+    pick: Callable[[ModuleType], Flow],
 ) -> Callable[[Settings, flask.Request], dict[str, Any]]:
+    """A function that takes no body and a Bearer session, then runs its flow."""
+
     def run(settings: Settings, request: flask.Request) -> dict[str, Any]:
         no_body(request)
-        return flow(settings, bearer_token(request))
+        token = bearer_token(request)
+        from auth import flows
+
+        return pick(flows)(settings, token)
 
     return run
 
 
-def _flow(name: str) -> Callable[[Settings, str], dict[str, Any]]:
-    # Imported on first call, so importing main stays cheap for every target.
-    def call(settings: Settings, token: str) -> dict[str, Any]:
-        from auth import flows
-
-        result: dict[str, Any] = getattr(flows, name)(settings, token)
-        return result
-
-    return call
-
-
 EXCHANGE = Endpoint("exchange_auth_code", "POST", _exchange)
-REFRESH = Endpoint("refresh_auth_token", "POST", _with_session(_flow("refresh")))
-LOOKUP = Endpoint("lookup_user", "GET", _with_session(_flow("lookup")))
-REVOKE = Endpoint("revoke_sessions", "POST", _with_session(_flow("revoke")))
-DELETE = Endpoint("delete_user", "POST", _with_session(_flow("delete")))
+REFRESH = Endpoint("refresh_auth_token", "POST", _with_session(lambda f: f.refresh))
+LOOKUP = Endpoint("lookup_user", "GET", _with_session(lambda f: f.lookup))
+REVOKE = Endpoint("revoke_sessions", "POST", _with_session(lambda f: f.revoke))
+DELETE = Endpoint("delete_user", "POST", _with_session(lambda f: f.delete))
 ENDPOINTS = {e.name: e for e in (EXCHANGE, REFRESH, LOOKUP, REVOKE, DELETE)}
