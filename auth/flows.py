@@ -61,13 +61,10 @@ def exchange(settings: Settings, code: str) -> dict[str, Any]:
 
 
 def refresh(settings: Settings, token: str) -> dict[str, Any]:
-    session = sessions.verify(
-        settings, token, refresh_window=settings.session_refresh_window
-    )
+    session, user = _renewable_session(settings, token)
     # Read once and used to the end: after Tiki rotates the refresh token,
     # nothing may fail for lack of a secret before the new one is stored.
     current = session_secret(settings)
-    user = _current_user(settings, session)
     stored = store.get_tokens(settings, session.customer_key)
     if stored is None:
         raise ReauthRequired(log="No Tiki tokens are stored for this customer.")
@@ -94,26 +91,31 @@ def lookup(settings: Settings, token: str) -> dict[str, Any]:
 
 
 def revoke(settings: Settings, token: str) -> dict[str, Any]:
-    # Whatever can still be refreshed can log out: a frontend holding only an
-    # expired session must be able to end it without renewing it first.
-    session = sessions.verify(
-        settings, token, refresh_window=settings.session_refresh_window
-    )
-    _current_user(settings, session)
+    session, _ = _renewable_session(settings, token)
     store.revoke_sessions(settings, session.customer_key)
     log.info("Sessions revoked.", customer=session.customer_key)
     return {"revoked": True}
 
 
 def delete(settings: Settings, token: str) -> dict[str, Any]:
-    # As with logout: a session that could be refreshed may erase its data.
-    session = sessions.verify(
-        settings, token, refresh_window=settings.session_refresh_window
-    )
-    _current_user(settings, session)
+    session, _ = _renewable_session(settings, token)
     store.delete_user(settings, session.customer_key)
     log.info("User record and tokens deleted.", customer=session.customer_key)
     return {"deleted": True}
+
+
+def _renewable_session(
+    settings: Settings, token: str
+) -> tuple[sessions.Session, UserRecord]:
+    """The session and its user, accepting a session expired within the window.
+
+    Whatever can still be refreshed may also log out or erase: a frontend
+    holding only an expired session must not have to renew it first.
+    """
+    session = sessions.verify(
+        settings, token, refresh_window=settings.session_refresh_window
+    )
+    return session, _current_user(settings, session)
 
 
 def _current_user(settings: Settings, session: sessions.Session) -> UserRecord:
